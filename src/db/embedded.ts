@@ -60,7 +60,7 @@ export async function startEmbedded(opts: EmbeddedOptions): Promise<EmbeddedServ
       '-c', 'max_connections=200', '-c', 'listen_addresses=127.0.0.1'],
     initdbFlags: ['--encoding=UTF8', '--locale=C'],
     onLog: opts.onLog ?? (() => undefined),
-    onError: opts.onLog ?? (() => undefined),
+    onError: opts.onLog ? (e: unknown) => opts.onLog?.(String(e)) : () => undefined,
   });
   if (fresh) await pg.initialise();
   await pg.start();
