@@ -28,7 +28,11 @@ CREATE TYPE keyring.key_state AS ENUM ('pending', 'active', 'decrypt_only', 'ret
 -- Settings the database enforces by itself (the sidecar reads them too).
 CREATE TABLE keyring.settings (
   name  text PRIMARY KEY,
-  value text NOT NULL
+  value text NOT NULL,
+  -- 4096: the staging triggers read the limit only for values larger than this floor, so
+  -- that the common short value costs no lookup; 1 GiB - 1: the largest bytea.
+  CONSTRAINT max_value_bytes_range CHECK (name <> 'max_value_bytes'
+    OR (value ~ '^[0-9]{1,10}$' AND value::bigint BETWEEN 4096 AND 1073741823))
 );
 INSERT INTO keyring.settings (name, value) VALUES
   ('max_value_bytes', '8388608'),          -- 8 MiB: larger plaintexts are refused at insert
@@ -66,7 +70,9 @@ CREATE TABLE keyring.columns (
   data_type       text NOT NULL,            -- the plaintext type, format_type() text
   pk_columns      name[] NOT NULL,
   pk_types        text[] NOT NULL,
-  staging_view    name NOT NULL,
+  staging_view    name NOT NULL,            -- same for every protected column of a table
+  trigger_prefix  name NOT NULL,            -- keyring.<prefix>__insert/__update/__delete; same per table
+  column_default  text,                     -- the plaintext default, moved to the staging view
   bidx_column     name,                     -- NULL: no blind index
   normalize       text[] NOT NULL DEFAULT ARRAY['none'],
   index_bytes     integer NOT NULL DEFAULT 16 CHECK (index_bytes BETWEEN 4 AND 32),
@@ -79,9 +85,11 @@ CREATE TABLE keyring.columns (
 );
 
 -- Data keys, always wrapped by an encrypt root version.
+-- column_id has no foreign key on purpose: a data key outlives the registry row of its
+-- column (unprotect), so that backups taken while the column was protected stay readable.
 CREATE TABLE keyring.data_keys (
   id              bigserial PRIMARY KEY,
-  column_id       integer NOT NULL REFERENCES keyring.columns (id),
+  column_id       integer NOT NULL,
   subject         text,                     -- NULL: a per-column key; else a per-subject key
   root_version    integer NOT NULL,
   root_purpose    keyring.key_purpose NOT NULL DEFAULT 'encrypt' CHECK (root_purpose = 'encrypt'),
@@ -99,9 +107,12 @@ CREATE INDEX data_keys_root ON keyring.data_keys (root_version);
 
 -- The work queue between the staging triggers and the sidecar. One entry per (column,
 -- row): a newer write replaces the queued value. Holds nothing once a value is encrypted.
+-- column_id has no foreign key on purpose: the check would cost every queued value a
+-- lookup and a KEY SHARE lock on the registry row, taken by every concurrent writer
+-- (MultiXact churn); unprotect() deletes a column's entries itself.
 CREATE TABLE keyring.pending (
   id              bigserial PRIMARY KEY,
-  column_id       integer NOT NULL REFERENCES keyring.columns (id) ON DELETE CASCADE,
+  column_id       integer NOT NULL,
   row_key         text NOT NULL,
   value           bytea NOT NULL,           -- canonical plaintext bytes (UTF-8, or raw bytea)
   subject         text,

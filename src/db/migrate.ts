@@ -21,10 +21,11 @@ export function knownSchemaVersion(dir: string = MIGRATIONS_DIR): number {
 
 /** The newest migration applied to the database, 0 when keyring was never installed. */
 export async function appliedSchemaVersion(client: pg.ClientBase): Promise<number> {
-  const { rows } = await client.query<{ v: number | null }>(
-    `SELECT CASE WHEN to_regclass('keyring.migrations') IS NULL THEN 0
-       ELSE (SELECT coalesce(max(id), 0) FROM keyring.migrations) END AS v`,
-  );
+  // Two statements: a subquery naming keyring.migrations would fail at plan time on a
+  // database where keyring was never installed, whatever CASE guards it.
+  const exists = await client.query<{ t: string | null }>(`SELECT to_regclass('keyring.migrations')::text AS t`);
+  if (!exists.rows[0]?.t) return 0;
+  const { rows } = await client.query<{ v: number | null }>('SELECT max(id) AS v FROM keyring.migrations');
   return Number(rows[0]?.v ?? 0);
 }
 
@@ -52,7 +53,14 @@ export async function migrate(databaseUrl: string, dir: string = MIGRATIONS_DIR)
   client.on('error', () => undefined);
   await client.connect();
   try {
-    await client.query('SELECT pg_advisory_lock($1)', [MIGRATE_LOCK.toString()]);
+    // Poll rather than block: a session waiting in pg_advisory_lock() holds a snapshot,
+    // and CREATE INDEX CONCURRENTLY in the migrator that holds the lock waits for every
+    // older snapshot, so a blocked second migrator would deadlock with the first.
+    for (let wait = 50; ; wait = Math.min(wait * 2, 1000)) {
+      const { rows } = await client.query<{ ok: boolean }>('SELECT pg_try_advisory_lock($1) AS ok', [MIGRATE_LOCK.toString()]);
+      if (rows[0]?.ok) break;
+      await new Promise((r) => setTimeout(r, wait + Math.random() * wait));
+    }
     try {
       await client.query('CREATE SCHEMA IF NOT EXISTS keyring');
       // Same DDL as postgres-migrations' own first step, created here so that its
