@@ -1,0 +1,149 @@
+/**
+ * The claim loop: drain until a claim comes back short, then wait for a hint or the
+ * poll interval, whichever comes first (a notification is a hint, the table is the
+ * truth). After an error it backs off, and hints do not cut that wait short, so a
+ * steady stream of inserts cannot turn a persistent failure into a hot loop; a
+ * reconnect or a key reload (kick) does.
+ */
+import { EventEmitter } from 'node:events';
+import { describeError, isRetryable } from '../src/db/errors.js';
+import type { Logger } from '../src/log.js';
+import type { BatchResult } from './claim.js';
+import { backoffDelay } from './listener.js';
+import type { SidecarMetrics } from './metrics.js';
+
+export interface Progress {
+  /** Rows encrypted in this drain so far. */
+  readonly done: number;
+  /** Estimated rows still queued (count at drain start minus rows processed since). */
+  readonly queueDepth: number;
+  readonly quarantined: number;
+}
+
+export interface WorkerOptions {
+  readonly batchSize: number;
+  readonly pollIntervalMs: number;
+  readonly logger: Logger;
+  readonly metrics: SidecarMetrics;
+  readonly processBatch: (limit: number, afterId: string) => Promise<BatchResult>;
+  readonly queueDepth: () => Promise<number>;
+}
+
+export class Worker extends EventEmitter<{ progress: [Progress]; drained: [done: number] }> {
+  readonly #o: WorkerOptions;
+  #chain: Promise<unknown> = Promise.resolve();
+  #stopping = false;
+  #hinted = false;
+  #wait: { resolve: () => void; hints: boolean } | undefined;
+  #loop: Promise<void> | undefined;
+  #errorStreak = 0;
+
+  constructor(o: WorkerOptions) {
+    super();
+    this.#o = o;
+  }
+
+  /** Processes batches until the queue is empty (a claim returns fewer rows than the batch size). */
+  drain(): Promise<number> {
+    const run = this.#chain.then(() => this.#drainNow());
+    this.#chain = run.catch(() => undefined);
+    return run;
+  }
+
+  /** A notification arrived: end an idle wait now, or drain again after the current pass. */
+  hint(): void {
+    this.#hinted = true;
+    if (this.#wait?.hints) this.#wait.resolve();
+  }
+
+  /** Something changed that may unblock work (listener reconnected, keys reloaded): catch up now. */
+  kick(): void {
+    this.#hinted = true;
+    this.#errorStreak = 0;
+    this.#wait?.resolve();
+  }
+
+  start(): void {
+    this.#loop ??= this.#run();
+  }
+
+  /** Stops claiming; resolves when the batch in hand has finished or failed. */
+  async stop(): Promise<void> {
+    this.#stopping = true;
+    this.#wait?.resolve();
+    await this.#loop;
+    await this.#chain;
+  }
+
+  async #run(): Promise<void> {
+    while (!this.#stopping) {
+      this.#hinted = false;
+      let failed = false;
+      try {
+        await this.drain();
+        if (this.#errorStreak > 0) this.#o.logger.info('queue processing recovered');
+        this.#errorStreak = 0;
+      } catch (err) {
+        failed = true;
+        this.#onError(err);
+      }
+      if (this.#stopping) break;
+      if (failed) {
+        await this.#sleep(backoffDelay(this.#errorStreak, Math.min(100, this.#o.pollIntervalMs), Math.max(this.#o.pollIntervalMs, 5_000)), false);
+      } else if (!this.#hinted) {
+        await this.#sleep(this.#o.pollIntervalMs, true);
+      }
+    }
+  }
+
+  #onError(err: unknown): void {
+    this.#errorStreak++;
+    const retryable = isRetryable(err);
+    this.#o.metrics.errors.inc({ kind: retryable ? 'retryable' : 'unexpected' });
+    // Once per failure streak at warn (a database down for minutes must not flood the log).
+    const level = this.#errorStreak === 1 || !retryable ? 'warn' : 'debug';
+    this.#o.logger[level]({ err: { message: describeError(err) }, streak: this.#errorStreak }, 'queue processing paused; will retry');
+  }
+
+  async #drainNow(): Promise<number> {
+    let done = 0;
+    let quarantined = 0;
+    let depth = await this.#o.queueDepth();
+    this.#o.metrics.queueDepth.set(depth);
+    let cursor = '0';
+    while (!this.#stopping) {
+      const end = this.#o.metrics.batchSeconds.startTimer();
+      const r = await this.#o.processBatch(this.#o.batchSize, cursor);
+      if (r.claimed > 0) end();
+      done += r.encrypted;
+      quarantined += r.quarantined;
+      depth = Math.max(0, depth - r.encrypted - r.quarantined);
+      this.#o.metrics.queueDepth.set(depth);
+      if (r.claimed > 0) this.emit('progress', { done, queueDepth: depth, quarantined });
+      if (r.claimed < this.#o.batchSize) {
+        if (cursor === '0') break;
+        cursor = '0'; // one pass from the start before calling the queue empty
+      } else {
+        cursor = r.lastId;
+      }
+    }
+    if (done > 0) this.#o.metrics.queueDepth.set(await this.#o.queueDepth());
+    this.emit('drained', done);
+    return done;
+  }
+
+  #sleep(ms: number, hints: boolean): Promise<void> {
+    return new Promise((resolve) => {
+      const wait = {
+        hints,
+        resolve: (): void => {
+          clearTimeout(timer);
+          if (this.#wait === wait) this.#wait = undefined;
+          resolve();
+        },
+      };
+      const timer = setTimeout(wait.resolve, ms);
+      this.#wait = wait;
+    });
+  }
+}

@@ -1,0 +1,53 @@
+import type pg from 'pg';
+
+export interface PendingRow {
+  readonly id: string; // bigint as text
+  /** Physical row address, stable while this transaction holds the row lock (TID-scan delete). */
+  readonly ctid: string;
+  readonly column_id: number;
+  readonly row_key: string;
+  readonly value: Buffer;
+  readonly subject: string | null;
+  readonly tenant: string | null;
+  readonly attempts: number;
+}
+
+/**
+ * Claims up to `limit` queued values, oldest first, skipping rows another sidecar has
+ * locked. Run inside a transaction: the row locks are the claim (no lease column), so a
+ * crashed sidecar's claim ends with its session (case C15a) and two sidecars never
+ * claim the same row. Locks queue entries before base rows, the order the staging
+ * triggers use too.
+ *
+ * One ordered index scan under LIMIT, not `WITH c AS (... FOR UPDATE SKIP LOCKED)
+ * SELECT p.* FROM pending p JOIN c`: the same claim, but the self-join let the planner
+ * hash-join the whole queue on a queue table's stale statistics (measured 21-45 ms per
+ * claim on a 100k backlog, against 2 ms).
+ *
+ * `afterId` is the drain's keyset cursor: deleted entries stay in the index until
+ * vacuum, and a scan from the start steps over every one of them on each claim. A drain
+ * ends only after a short claim from id 0, so rows left behind the cursor (another
+ * sidecar's rolled-back batch, a retried row) are never missed.
+ */
+export async function claimPending(client: pg.ClientBase, limit: number, afterId = '0'): Promise<PendingRow[]> {
+  const { rows } = await client.query<PendingRow>(
+    `SELECT id, ctid::text AS ctid, column_id, row_key, value, subject, tenant, attempts
+       FROM keyring.pending
+      WHERE id > $2
+      ORDER BY id
+      LIMIT $1
+        FOR UPDATE SKIP LOCKED`,
+    [limit, afterId],
+  );
+  return rows;
+}
+
+/** Claims one queued value by id (the one-at-a-time retry after a failed batch). */
+export async function claimPendingById(client: pg.ClientBase, id: string): Promise<PendingRow | undefined> {
+  const { rows } = await client.query<PendingRow>(
+    `SELECT id, ctid::text AS ctid, column_id, row_key, value, subject, tenant, attempts
+       FROM keyring.pending WHERE id = $1 FOR UPDATE SKIP LOCKED`,
+    [id],
+  );
+  return rows[0];
+}
