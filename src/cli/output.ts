@@ -37,12 +37,13 @@ export class ProgressBar {
   constructor(
     private readonly label: string,
     private readonly total: number,
+    private readonly unit = 'rows',
     private readonly stream: NodeJS.WriteStream = process.stderr,
   ) {}
 
   update(done: number, force = false): void {
     const now = Date.now();
-    if (!force && now - this.lastDraw < 200) return;
+    if (!force && now - this.lastDraw < (this.stream.isTTY ? 200 : 2000)) return;
     this.lastDraw = now;
     const frac = this.total > 0 ? Math.min(1, done / this.total) : 1;
     const width = 30;
@@ -52,7 +53,7 @@ export class ProgressBar {
     const eta = rate > 0 ? Math.max(0, (this.total - done) / rate) : 0;
     const text = `${this.label} [${'#'.repeat(filled)}${'.'.repeat(width - filled)}] ` +
       `${done.toLocaleString('en-US')}/${this.total.toLocaleString('en-US')} ` +
-      `${Math.round(rate).toLocaleString('en-US')} rows/s ETA ${eta.toFixed(0)}s`;
+      `${Math.round(rate).toLocaleString('en-US')} ${this.unit}/s ETA ${eta.toFixed(0)}s`;
     if (this.stream.isTTY) this.stream.write(`\r${text}`);
     else this.stream.write(`${text}\n`);
   }

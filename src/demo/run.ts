@@ -120,13 +120,15 @@ async function demo(serverUrl: string, workDir: string, rows: number, out: Out):
     const queued = Number((await pool.query('SELECT count(*) AS n FROM keyring.pending')).rows[0].n);
     const logger = createLogger({ level: 'warn', bindings: { instance: config.instanceId } });
     const sidecar = await Sidecar.start(config, { logger });
-    const bar = new ProgressBar('encrypting', queued);
-    sidecar.onProgress((p) => bar.update(p.done));
+    const bar = new ProgressBar('encrypting', queued, 'values');
+    const remaining = async () => Number((await pool.query('SELECT count(*) AS n FROM keyring.pending')).rows[0].n);
+    // The sidecar starts draining the backlog by itself; progress is what left the queue.
+    sidecar.onProgress((p) => bar.update(queued - p.queueDepth));
     const t1 = Date.now();
     let done = 0;
     try {
-      done = await sidecar.drain();
-      while (Number((await pool.query('SELECT count(*) AS n FROM keyring.pending')).rows[0].n) > 0) done += await sidecar.drain();
+      while ((await remaining()) > 0) await sidecar.drain();
+      done = queued - (await remaining());
     } finally {
       bar.finish(done);
       await sidecar.stop();
