@@ -19,7 +19,7 @@ import { destroySocket } from '../src/db/pool.js';
 
 export const CHANNEL = 'keyring';
 /** Kinds this build acts on; others are ignored with a warning. */
-export const HINT_KINDS = ['pending', 'keys'] as const;
+export const HINT_KINDS = ['pending', 'keys', 'job', 'shred'] as const;
 export type HintKind = (typeof HINT_KINDS)[number];
 
 export type ParsedHint = { readonly ok: true; readonly kind: HintKind } | { readonly ok: false; readonly problem: string };

@@ -37,6 +37,8 @@ export interface DataKeyCacheOptions {
   readonly autocommit: <T>(fn: (client: pg.ClientBase) => Promise<T>) => Promise<T>;
   readonly ivPool: IvPool;
   readonly maxEncryptions?: () => bigint;
+  /** A data key row did not unwrap under its (matching) root key: the row was altered. For the audit log. */
+  readonly onUnwrapFailure?: (f: { readonly dataKeyId: bigint; readonly columnId: number; readonly rootVersion: number }) => void;
 }
 
 export class DataKeyCache {
@@ -51,8 +53,10 @@ export class DataKeyCache {
   /**
    * The active data key of every demanded scope, read through `client` (the batch's
    * transaction). Missing keys are created, and keys that would pass the encryption
-   * bound are retired and replaced, each in its own committed transaction: a key that
-   * sealed a value must exist even if the batch rolls back and is retried.
+   * bound or are wrapped by a disabled root version are retired and replaced, each in
+   * its own committed transaction: a key that sealed a value must exist even if the
+   * batch rolls back and is retried. (A disabled root is suspected leaked, and with it
+   * every data key it wrapped: no new value is sealed under one.)
    */
   async activeKeys(client: pg.ClientBase, demands: readonly KeyDemand[]): Promise<Map<string, DataKey>> {
     const rows = await selectActiveDataKeys(client, demands.map((d) => d.columnId), demands.map((d) => d.subject));
@@ -62,7 +66,7 @@ export class DataKeyCache {
     for (const d of demands) {
       const scope = scopeOf(d.columnId, d.subject);
       let row = byScope.get(scope);
-      if (row && BigInt(row.encryptions) + BigInt(d.count) > max) {
+      if (row && (BigInt(row.encryptions) + BigInt(d.count) > max || this.#rootDisabled(row.root_version))) {
         const full = row;
         await this.#o.autocommit((c) => retireDataKey(c, BigInt(full.id)));
         row = undefined;
@@ -75,12 +79,20 @@ export class DataKeyCache {
   /**
    * Data keys by id, for decryption. The rows are always read (one query), so a key
    * shredded by another process is refused even when this cache still holds it.
-   * KEY_UNAVAILABLE when the root version is not held here, DATA_KEY_SHREDDED when gone.
+   * KEY_UNAVAILABLE when the root version is not held here, or is disabled (its data
+   * keys serve re-encryption jobs only: pass `allowDisabledRoot`), DATA_KEY_SHREDDED
+   * when gone.
    */
-  async byIds(client: pg.ClientBase, ids: readonly bigint[]): Promise<Map<bigint, DataKey>> {
+  async byIds(client: pg.ClientBase, ids: readonly bigint[], opts: { allowDisabledRoot?: boolean } = {}): Promise<Map<bigint, DataKey>> {
     const out = new Map<bigint, DataKey>();
     const unique = [...new Set(ids)];
-    for (const row of await selectDataKeys(client, unique)) out.set(BigInt(row.id), this.#fromRow(row));
+    for (const row of await selectDataKeys(client, unique)) {
+      if (!opts.allowDisabledRoot && this.#rootDisabled(row.root_version)) {
+        throw new KeyUnavailableError(`data key ${row.id} is wrapped by encrypt root key version ${row.root_version}, which is disabled; ` +
+          'its values are decrypted only by re-encryption jobs');
+      }
+      out.set(BigInt(row.id), this.#fromRow(row));
+    }
     for (const id of unique) {
       if (!out.has(id)) throw new KeyUnavailableError(`data key ${id} does not exist`);
     }
@@ -101,6 +113,10 @@ export class DataKeyCache {
     return this.#lru.size;
   }
 
+  #rootDisabled(version: number): boolean {
+    return this.#o.rootKeys().stateOf('encrypt', version) === 'disabled';
+  }
+
   #fromRow(row: DataKeyRow): DataKey {
     const id = BigInt(row.id);
     if (row.wrapped === null || row.state === 'shredded') {
@@ -116,6 +132,7 @@ export class DataKeyCache {
       key = unwrapDataKey(root.key, row.root_version, id, row.wrapped);
     } catch (err) {
       if (!(err instanceof DecryptError)) throw err;
+      this.#o.onUnwrapFailure?.({ dataKeyId: id, columnId: row.column_id, rootVersion: row.root_version });
       // The root material matched its fingerprint, so the data_keys row itself is wrong
       // (altered bytes or id). Retryable, not a value failure: the queued plaintexts
       // must not be quarantined (and lost) because a key row is bad.
@@ -140,7 +157,8 @@ export class DataKeyCache {
       // Another sidecar created this scope's key first: use the winner, drop ours.
       key.dispose();
       const [winner] = await selectActiveDataKeys(c, [columnId], [subject]);
-      if (!winner) throw new KeyUnavailableError(`the active data key of column ${columnId} vanished while being created; retrying`);
+      // Or the insert was refused: the registry changed and root.version is no longer active.
+      if (!winner) throw new KeyUnavailableError(`no active data key for column ${columnId} after creating one (encrypt root key version ${root.version} may no longer be active); retrying`);
       return this.#fromRow(winner);
     });
   }

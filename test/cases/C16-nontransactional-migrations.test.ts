@@ -10,7 +10,8 @@
  * through a staging view; no single insert may take more than 2 s, and inserts must keep
  * completing during the run.
  */
-import { readFileSync, readdirSync } from 'node:fs';
+import { copyFileSync, mkdtempSync, readFileSync, readdirSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, inject, it } from 'vitest';
 import pg from 'pg';
@@ -141,13 +142,26 @@ describe('C16 steps 2 and 3: re-running on a busy database; a failed concurrent 
   let db: TestDb;
   let columnId: number;
 
+  /**
+   * The migrations up to 00004 only: steps 2 and 3 re-run 00003 and 00004, and the later,
+   * ordinary migrations (already applied by the template) must not run a second time.
+   */
+  const upTo00004 = (() => {
+    const dir = mkdtempSync(join(tmpdir(), 'keyring-c16-'));
+    for (const f of files.filter((name) => /^0000[1-4]_/.test(name))) copyFileSync(join(MIGRATIONS_DIR, f), join(dir, f));
+    return dir;
+  })();
+
   /** Takes the database back to before 00003 (and everything after it). */
   async function rollBackTo00002(): Promise<void> {
     await db.pool.query(`DROP INDEX IF EXISTS keyring.quarantine_open_uq`);
     await db.pool.query(`DELETE FROM keyring.migrations WHERE id >= 3`);
   }
 
-  afterAll(async () => { await db?.drop(); });
+  afterAll(async () => {
+    await db?.drop();
+    rmSync(upTo00004, { recursive: true, force: true });
+  });
 
   it('step 2: with 100k rows in a protected table, inserts through the staging view keep flowing', async () => {
     db = await createTestDb();
@@ -172,7 +186,7 @@ describe('C16 steps 2 and 3: re-running on a busy database; a failed concurrent 
     try {
       while (latencies.length < 20) await new Promise((r) => setTimeout(r, 10));
       const start = performance.now();
-      const result = await migrate(db.url);
+      const result = await migrate(db.url, upTo00004);
       const end = performance.now();
       await new Promise((r) => setTimeout(r, 100));
       stop = true;
@@ -199,7 +213,7 @@ describe('C16 steps 2 and 3: re-running on a busy database; a failed concurrent 
     // two open entries for one value: the unique index cannot be built
     await db.pool.query(`INSERT INTO keyring.quarantine (column_id, row_key, reason) VALUES ($1, 'dup', 'a'), ($1, 'dup', 'b')`,
       [columnId]);
-    const e = await pgError(migrate(db.url));
+    const e = await pgError(migrate(db.url, upTo00004));
     expect(e.message).toMatch(/quarantine_open_unique/);
     expect(e.message).toMatch(/could not create unique index "quarantine_open_uq"/);
     const recorded = await db.pool.query<{ id: number }>(`SELECT id FROM keyring.migrations WHERE id >= 3`);
@@ -210,7 +224,7 @@ describe('C16 steps 2 and 3: re-running on a busy database; a failed concurrent 
     // fix the data, re-run: no manual cleanup of the invalid index
     await db.pool.query(`UPDATE keyring.quarantine SET resolved_at = now()
                           WHERE id = (SELECT max(id) FROM keyring.quarantine WHERE row_key = 'dup')`);
-    const again = await migrate(db.url);
+    const again = await migrate(db.url, upTo00004);
     expect(again.applied).toEqual(['quarantine_open_unique', 'key_state_disabled']);
     const invalid = await db.pool.query(
       `SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
