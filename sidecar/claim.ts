@@ -10,7 +10,7 @@ import { blindIndexTerm, parseNormalization, sealValue, type IvPool } from '../s
 import { describeError, isRetryable } from '../src/db/errors.js';
 import type { Db } from '../src/db/pool.js';
 import { auditAppend } from '../src/db/queries/audit-append.js';
-import { claimPending, claimPendingById, type PendingRow } from '../src/db/queries/claim-pending.js';
+import { claimPending, claimPendingById, fetchValues, type PendingRow } from '../src/db/queries/claim-pending.js';
 import { recordFailure, quarantinePending } from '../src/db/queries/fail-pending.js';
 import { addEncryptions, deletePending } from '../src/db/queries/finish-batch.js';
 import { selectColumns, type ColumnRow } from '../src/db/queries/select-columns.js';
@@ -33,6 +33,8 @@ export interface BatchContext {
   readonly metrics: SidecarMetrics;
   /** Test-only pause inside the transaction (crash tests); 0 in production. */
   readonly testDelayMs: number;
+  /** Plaintext bytes per batch at most (KEYRING_BATCH_BYTES); one larger value goes alone. */
+  readonly batchBytes: number;
 }
 
 export interface BatchResult {
@@ -65,15 +67,20 @@ async function inTransaction<T>(client: pg.ClientBase, fn: () => Promise<T>): Pr
  */
 export async function processBatch(ctx: BatchContext, limit: number, afterId = '0'): Promise<BatchResult> {
   let claimed: PendingRow[] = [];
+  let taken = 0;
   try {
     const encrypted = await ctx.db.with((client) =>
       inTransaction(client, async () => {
-        claimed = await claimPending(client, limit, afterId);
+        const all = await claimPending(client, limit, afterId);
+        taken = all.length;
+        claimed = await withinBudget(client, all, ctx.batchBytes);
         if (claimed.length === 0) return 0;
         return encryptRows(ctx, client, claimed);
       }),
     );
-    return { claimed: claimed.length, lastId: lastIdOf(claimed, afterId), encrypted, failed: 0, quarantined: 0 };
+    // `claimed` counts every row the claim returned, so a batch cut short by the byte
+    // budget is not mistaken for a drained queue; the cursor stops at the last row done.
+    return { claimed: taken, lastId: lastIdOf(claimed, afterId), encrypted, failed: 0, quarantined: 0 };
   } catch (err) {
     if (isRetryable(err) || claimed.length === 0) throw err;
     ctx.metrics.errors.inc({ kind: 'batch' });
@@ -88,7 +95,25 @@ export async function processBatch(ctx: BatchContext, limit: number, afterId = '
     else if (r === 'failed') failed++;
     else if (r === 'quarantined') quarantined++;
   }
-  return { claimed: claimed.length, lastId: lastIdOf(claimed, afterId), encrypted, failed, quarantined };
+  return { claimed: taken, lastId: lastIdOf(claimed, afterId), encrypted, failed, quarantined };
+}
+
+/**
+ * The longest prefix of the claim whose plaintexts fit `budget` bytes (at least one
+ * row), with the large values fetched. The rows left out stay locked until this
+ * transaction ends and are claimed again by the next batch. Each value costs several
+ * times its size while in flight (bytea travels as hex text), so this bound, not the row
+ * count, is what keeps memory flat with a backlog of multi-MiB values.
+ */
+async function withinBudget(client: pg.ClientBase, rows: readonly PendingRow[], budget: number): Promise<PendingRow[]> {
+  let bytes = 0;
+  let n = 0;
+  while (n < rows.length && (n === 0 || bytes + rows[n]!.size <= budget)) bytes += rows[n++]!.size;
+  const kept = rows.slice(0, n);
+  const missing = kept.filter((r) => r.value === null).map((r) => r.ctid);
+  if (missing.length === 0) return kept;
+  const values = await fetchValues(client, missing);
+  return kept.map((r) => (r.value === null ? { ...r, value: values.get(r.ctid) ?? null } : r));
 }
 
 const lastIdOf = (rows: readonly PendingRow[], fallback: string): string => rows.at(-1)?.id ?? fallback;
@@ -157,12 +182,14 @@ async function encryptRows(ctx: BatchContext, client: pg.ClientBase, rows: reado
       const col = columns.get(row.column_id);
       if (!col) throw new Error(`column ${row.column_id} is not registered`);
       const dk = keys.get(scopeOf(row.column_id, row.subject))!;
-      const ciphertext = sealValue(dk.key, dk.id, col.id, row.row_key, row.value, ctx.ivPool);
+      const value = row.value;
+      if (value === null) throw new Error(`queued value ${row.id} could not be read`);
+      const ciphertext = sealValue(dk.key, dk.id, col.id, row.row_key, value, ctx.ivPool);
       let term: Buffer | null = null;
       let indexVersion: number | null = null;
       if (col.bidx_column !== null) {
         const ik = ctx.indexKeys.active(col.id, row.tenant);
-        term = blindIndexTerm(ik.key, ik.version, row.value, parseNormalization(col.normalize), col.index_bytes, col.data_type !== 'bytea');
+        term = blindIndexTerm(ik.key, ik.version, value, parseNormalization(col.normalize), col.index_bytes, col.data_type !== 'bytea');
         indexVersion = ik.version;
       }
       return { row, col, dataKeyId: dk.id, rootVersion: dk.rootVersion, ciphertext, term, indexVersion };

@@ -2,11 +2,14 @@ import type pg from 'pg';
 
 export interface PendingRow {
   readonly id: string; // bigint as text
+  /** Plaintext bytes (octet_length reads the stored length; nothing is decompressed). */
+  readonly size: number;
   /** Physical row address, stable while this transaction holds the row lock (TID-scan delete). */
   readonly ctid: string;
   readonly column_id: number;
   readonly row_key: string;
-  readonly value: Buffer;
+  /** Inline when at most INLINE_BYTES; larger values are fetched by fetchValues once budgeted. */
+  readonly value: Buffer | null;
   readonly subject: string | null;
   readonly tenant: string | null;
   readonly attempts: number;
@@ -31,7 +34,8 @@ export interface PendingRow {
  */
 export async function claimPending(client: pg.ClientBase, limit: number, afterId = '0'): Promise<PendingRow[]> {
   const { rows } = await client.query<PendingRow>(
-    `SELECT id, ctid::text AS ctid, column_id, row_key, value, subject, tenant, attempts
+    `SELECT id, ctid::text AS ctid, column_id, row_key, octet_length(value) AS size,
+            CASE WHEN octet_length(value) <= ${INLINE_BYTES} THEN value END AS value, subject, tenant, attempts
        FROM keyring.pending
       WHERE id > $2
       ORDER BY id
@@ -42,10 +46,23 @@ export async function claimPending(client: pg.ClientBase, limit: number, afterId
   return rows;
 }
 
+/**
+ * Values larger than this are not sent with the claim: the batch first decides how many
+ * of them fit its byte budget, so a backlog of 8 MiB values never lands in memory at once.
+ */
+export const INLINE_BYTES = 65_536;
+
+/** The values of claimed rows that came without one (large values), by row address. */
+export async function fetchValues(client: pg.ClientBase, ctids: readonly string[]): Promise<Map<string, Buffer>> {
+  const { rows } = await client.query<{ ctid: string; value: Buffer }>(
+    'SELECT ctid::text AS ctid, value FROM keyring.pending WHERE ctid = ANY($1::tid[])', [ctids]);
+  return new Map(rows.map((r) => [r.ctid, r.value]));
+}
+
 /** Claims one queued value by id (the one-at-a-time retry after a failed batch). */
 export async function claimPendingById(client: pg.ClientBase, id: string): Promise<PendingRow | undefined> {
   const { rows } = await client.query<PendingRow>(
-    `SELECT id, ctid::text AS ctid, column_id, row_key, value, subject, tenant, attempts
+    `SELECT id, ctid::text AS ctid, column_id, row_key, octet_length(value) AS size, value, subject, tenant, attempts
        FROM keyring.pending WHERE id = $1 FOR UPDATE SKIP LOCKED`,
     [id],
   );
