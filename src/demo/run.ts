@@ -25,9 +25,17 @@ export interface DemoOptions {
   readonly rows: number;
   /** Folder for the embedded server's data, the demo key file and the CSV (git-ignored). */
   readonly workDir: string;
+  /** Database the demo drops and creates on the server (default keyring_demo). */
+  readonly database?: string;
 }
 
-const DEMO_DB = 'keyring_demo';
+export const DEFAULT_DEMO_DB = 'keyring_demo';
+
+/** A database name the demo may drop and create: a plain lower-case identifier. */
+export function isDemoDatabaseName(name: string): boolean {
+  return /^[a-z_][a-z0-9_]{0,62}$/.test(name);
+}
+
 const PROTECTED: ReadonlyArray<[column: string, args: string]> = [
   ['national_id', `p_blind_index => true, p_normalize => ARRAY['digits'], p_classification => 'L4 Restricted', p_priority => 10`],
   ['email', `p_blind_index => true, p_normalize => ARRAY['trim','lower'], p_classification => 'L3 Confidential'`],
@@ -43,6 +51,8 @@ function withDatabase(url: string, db: string): string {
 }
 
 export async function runDemo(env: NodeJS.ProcessEnv, opts: DemoOptions, out: Out): Promise<number> {
+  const database = opts.database ?? DEFAULT_DEMO_DB;
+  if (!isDemoDatabaseName(database)) throw new Error(`demo database name '${database}' is not a plain identifier`);
   const workDir = resolve(opts.workDir);
   mkdirSync(workDir, { recursive: true, mode: 0o755 });
   chmodSync(workDir, 0o755); // the embedded server runs as the postgres OS user when we are root
@@ -54,22 +64,22 @@ export async function runDemo(env: NodeJS.ProcessEnv, opts: DemoOptions, out: Ou
     serverUrl = server.url;
   }
   try {
-    return await demo(serverUrl, workDir, opts.rows, out);
+    return await demo(serverUrl, database, workDir, opts.rows, out);
   } finally {
     if (server) await server.stop();
   }
 }
 
-async function demo(serverUrl: string, workDir: string, rows: number, out: Out): Promise<number> {
+async function demo(serverUrl: string, dbName: string, workDir: string, rows: number, out: Out): Promise<number> {
   // 1. A fresh database for the demo, so that it can be run again and again.
   const admin = new pg.Client({ connectionString: serverUrl });
   await admin.connect();
-  await admin.query(`DROP DATABASE IF EXISTS ${DEMO_DB} WITH (FORCE)`);
-  await admin.query(`CREATE DATABASE ${DEMO_DB}`);
+  await admin.query(`DROP DATABASE IF EXISTS ${dbName} WITH (FORCE)`);
+  await admin.query(`CREATE DATABASE ${dbName}`);
   await admin.end();
-  const url = withDatabase(serverUrl, DEMO_DB);
+  const url = withDatabase(serverUrl, dbName);
   const m = await migrate(url);
-  out.line(`database ${DEMO_DB}: keyring schema version ${m.version} installed`);
+  out.line(`database ${dbName}: keyring schema version ${m.version} installed`);
 
   // 2. Demo keys in a local key file (mode 0600, git-ignored). DEMO ONLY.
   const keyFile = join(workDir, 'demo-keys.json');

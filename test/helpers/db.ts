@@ -52,3 +52,51 @@ export async function createTestDb(): Promise<TestDb> {
     },
   };
 }
+
+/**
+ * A database name the global teardown removes if the test that made it crashes
+ * (`kt_<run>_...`), for databases a test creates itself (an empty one, the demo's).
+ */
+export function testDbName(tag: string): string {
+  if (!/^[a-z0-9_]+$/.test(tag)) throw new Error(`not a plain name tag: ${tag}`);
+  return `kt_${runId()}_${process.pid}_${Date.now()}_${counter++}_${tag}`;
+}
+
+/** A fresh database WITHOUT the keyring schema (cloned from template0), e.g. for `keyring migrate`. */
+export async function createEmptyTestDb(tag = 'empty'): Promise<TestDb> {
+  const adminUrl = inject('adminUrl');
+  const name = testDbName(tag);
+  const admin = new pg.Client({ connectionString: adminUrl });
+  await admin.connect();
+  try {
+    await admin.query(`CREATE DATABASE ${name} TEMPLATE template0 ENCODING 'UTF8'`);
+  } finally {
+    await admin.end();
+  }
+  const url = withDatabase(adminUrl, name);
+  const pool = new pg.Pool({ connectionString: url, max: 4 });
+  pool.on('error', () => undefined);
+  return {
+    url,
+    name,
+    pool,
+    async drop() {
+      await pool.end();
+      const c = new pg.Client({ connectionString: adminUrl });
+      await c.connect();
+      await c.query(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`).catch(() => undefined);
+      await c.end();
+    },
+  };
+}
+
+/** Drops a database by name on the test server (no error when it is gone). */
+export async function dropDatabase(name: string): Promise<void> {
+  const c = new pg.Client({ connectionString: inject('adminUrl') });
+  await c.connect();
+  try {
+    await c.query(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`).catch(() => undefined);
+  } finally {
+    await c.end();
+  }
+}

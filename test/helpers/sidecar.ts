@@ -4,6 +4,7 @@
  * values back with the crypto core.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
+import { readFileSync } from 'node:fs';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import pg from 'pg';
@@ -12,6 +13,7 @@ import { loadConfig, type Config } from '../../src/config.js';
 import {
   fingerprint, generateKey, openValue, parseKeyHex, readDataKeyId, unwrapDataKey, type KeyPurpose,
 } from '../../src/crypto/index.js';
+import { Keyring } from '../../src/lib/keyring.js';
 import { silentLogger, type Logger } from '../../src/log.js';
 import { Sidecar } from '../../sidecar/sidecar.js';
 
@@ -209,4 +211,46 @@ export async function dropRole(name: string): Promise<void> {
   } finally {
     await c.end();
   }
+}
+
+/** Resident memory of a process from /proc/<pid>/status: current (VmRSS) and peak (VmHWM), in bytes. */
+export function processMemory(pid: number): { rss: number; peak: number } {
+  const status = readFileSync(`/proc/${pid}/status`, 'utf8');
+  const kib = (field: string): number => {
+    const m = new RegExp(`^${field}:\\s+(\\d+) kB`, 'm').exec(status);
+    if (!m) throw new Error(`no ${field} in /proc/${pid}/status`);
+    return Number(m[1]) * 1024;
+  };
+  return { rss: kib('VmRSS'), peak: kib('VmHWM') };
+}
+
+/**
+ * Spawns a sidecar process (see spawnSidecar) and waits until it logs "sidecar ready";
+ * returns it with its health port.
+ */
+export async function spawnReadySidecar(env: NodeJS.ProcessEnv): Promise<SpawnedSidecar & { healthPort: number }> {
+  const s = spawnSidecar(env);
+  const readyLog = s.waitForLog((l) => l.msg === 'sidecar ready', 30_000);
+  const exitedFirst = s.exited.then(({ code }) => {
+    throw new Error(`sidecar exited with ${code} before it was ready: ${s.stderr().trim()}`);
+  });
+  // Whichever loses the race settles later: keep that from becoming an unhandled rejection.
+  readyLog.catch(() => undefined);
+  exitedFirst.catch(() => undefined);
+  const ready = await Promise.race([readyLog, exitedFirst]);
+  return Object.assign(s, { healthPort: Number(ready.healthPort) });
+}
+
+/** SIGTERM to a spawned sidecar; resolves to its exit code. */
+export async function stopSpawned(s: SpawnedSidecar): Promise<number | null> {
+  if (s.child.exitCode === null && s.child.signalCode === null) s.child.kill('SIGTERM');
+  return (await s.exited).code;
+}
+
+/** Opens the keyring library (the system decrypt and lookup path) with the test keys. */
+export async function openKeyring(url: string, keys: TestKeys): Promise<Keyring> {
+  const config = loadConfig({
+    DATABASE_URL: url, KEYRING_ENCRYPT_KEYS: keys.encrypt.join(','), KEYRING_INDEX_KEYS: keys.index.join(','),
+  });
+  return Keyring.open({ databaseUrl: url, keys: config.keys });
 }
