@@ -19,10 +19,14 @@ import { heartbeat, markStopped } from '../src/db/queries/sidecar-heartbeat.js';
 import { DataKeyCache, DEFAULT_MAX_ENCRYPTIONS } from '../src/keys/data-keys.js';
 import { KeyMissingError, KeyUnavailableError } from '../src/keys/errors.js';
 import { IndexKeyCache } from '../src/keys/index-keys.js';
-import { resolveRootKeys, type RootKeyStore } from '../src/keys/root-keys.js';
+import type { RootKeyMaterial } from '../src/keys/material.js';
+import { dropDestroyed, resolveRootKeys, type RootKeyStore } from '../src/keys/root-keys.js';
 import { createLogger, type Logger } from '../src/log.js';
 import { processBatch, type BatchResult } from './claim.js';
+import { unwrapFailureReporter } from './decrypt-audit.js';
 import { HealthServer, type HealthState } from './health.js';
+import { rewrapHandler } from './jobs/rewrap.js';
+import { JobRunner } from './jobs/runner.js';
 import { Listener } from './listener.js';
 import { SidecarMetrics } from './metrics.js';
 import { Worker, type Progress } from './worker.js';
@@ -42,21 +46,28 @@ export class Sidecar {
   readonly #db: Db;
   readonly #metrics: SidecarMetrics;
   #keys: RootKeyStore;
+  /** The configured root keys minus destroyed versions (zeroed and dropped when the registry says so). */
+  #material: RootKeyMaterial;
   #keysProblem: string | undefined;
   #maxEncryptions: bigint;
   readonly #dataKeys: DataKeyCache;
   readonly #indexKeys: IndexKeyCache;
   readonly #listener: Listener;
   readonly #worker: Worker;
+  readonly #jobs: JobRunner;
   #health: HealthServer | undefined;
   #heartbeatTimer: NodeJS.Timeout | undefined;
   #stopping: Promise<void> | undefined;
+  /** A subject was shredded: zero the cached data keys before the next batch (never under one in flight). */
+  #dropDataKeys = false;
 
   private constructor(config: Config, log: Logger, db: Db, keys: RootKeyStore, maxEncryptions: bigint, opts: SidecarOptions) {
     this.#config = config;
     this.#log = log;
     this.#db = db;
     this.#keys = keys;
+    this.#material = config.keys;
+    this.#dropDestroyed(keys);
     this.#maxEncryptions = maxEncryptions;
     this.#metrics = new SidecarMetrics(config.instanceId);
     const ivPool = new IvPool();
@@ -66,6 +77,7 @@ export class Sidecar {
       autocommit: (fn) => this.#db.with(fn),
       ivPool,
       maxEncryptions: () => this.#maxEncryptions,
+      onUnwrapFailure: unwrapFailureReporter(() => db, config.instanceId, log),
     });
     this.#indexKeys = new IndexKeyCache(config.dataKeyCacheSize, () => this.#keys);
     this.#listener = new Listener({
@@ -76,7 +88,7 @@ export class Sidecar {
     });
     const ctx = {
       db, dataKeys: this.#dataKeys, indexKeys: this.#indexKeys, ivPool, instanceId: config.instanceId,
-      logger: log, metrics: this.#metrics, testDelayMs: config.testBatchDelayMs,
+      logger: log, metrics: this.#metrics, testDelayMs: config.testBatchDelayMs, batchBytes: config.batchBytes,
     };
     this.#worker = new Worker({
       batchSize: config.batchSize,
@@ -87,6 +99,13 @@ export class Sidecar {
       queueDepth: () => queueDepth(this.#db.pool),
     });
     if (opts.onProgress) this.#worker.on('progress', opts.onProgress);
+    this.#jobs = new JobRunner({
+      db, pollIntervalMs: config.pollIntervalMs, instanceId: config.instanceId, logger: log, metrics: this.#metrics,
+      paused: () => this.#keysProblem,
+      handlers: [rewrapHandler({
+        rootKeys: () => this.#keys, ivPool, instanceId: config.instanceId, logger: log, testDelayMs: config.testBatchDelayMs,
+      })],
+    });
   }
 
   /** Starts a sidecar; rejects (and releases everything) when the start is refused. */
@@ -130,6 +149,11 @@ export class Sidecar {
 
     this.#listener.on('hint', (kind) => {
       if (kind === 'pending') this.#worker.hint();
+      else if (kind === 'shred') {
+        this.#dropDataKeys = true;
+        this.#worker.hint();
+      }
+      else if (kind === 'job') this.#jobs.hint();
       else if (kind === 'keys') {
         this.#reloadKeys().catch((err: unknown) => this.#log.warn({ err: { message: describeError(err) } }, 'key registry reload failed; retried at the next heartbeat'));
       }
@@ -138,6 +162,7 @@ export class Sidecar {
       this.#metrics.reconnects.inc();
       this.#metrics.listening.set(1);
       this.#worker.kick(); // hints sent while disconnected were lost: catch up
+      this.#jobs.kick();
     });
     this.#listener.on('disconnected', ({ halfOpen }) => {
       this.#metrics.listening.set(0);
@@ -147,6 +172,7 @@ export class Sidecar {
     await this.#listener.start();
     this.#metrics.listening.set(this.#listener.listening ? 1 : 0);
     this.#worker.start();
+    this.#jobs.start();
     this.#log.info({ healthPort: this.healthPort, fingerprints: this.#keys.fingerprints, activeEncrypt: this.#keys.activeVersion('encrypt'), activeIndex: this.#keys.activeVersion('index') }, 'sidecar ready');
   }
 
@@ -191,7 +217,7 @@ export class Sidecar {
   async #stop(): Promise<void> {
     this.#log.info('sidecar stopping');
     clearInterval(this.#heartbeatTimer);
-    const stopped = this.#worker.stop();
+    const stopped = Promise.all([this.#worker.stop(), this.#jobs.stop()]);
     let timer: NodeJS.Timeout | undefined;
     const timedOut = await Promise.race([
       stopped.then(() => false),
@@ -246,6 +272,10 @@ export class Sidecar {
   /** Runs a batch unless the key set is known to be unusable (then it throws a retryable error, claiming nothing). */
   #guardedBatch(fn: () => Promise<BatchResult>): Promise<BatchResult> {
     if (this.#keysProblem) return Promise.reject(new KeyUnavailableError(`paused: ${this.#keysProblem.replace(/^keyring: /, '')}`));
+    if (this.#dropDataKeys) {
+      this.#dropDataKeys = false;
+      this.#dataKeys.clear();
+    }
     return fn();
   }
 
@@ -272,16 +302,19 @@ export class Sidecar {
   async #reloadKeys(): Promise<void> {
     try {
       const { keys, max } = await this.#db.with(async (c) => ({
-        keys: await resolveRootKeys(c, this.#config.keys, { register: false }),
+        keys: await resolveRootKeys(c, this.#material, { register: false }),
         max: await maxEncryptions(c),
       }));
       const changed = keys.registry.map((r) => `${r.purpose}${r.version}${r.state}`).join() !== this.#keys.registry.map((r) => `${r.purpose}${r.version}${r.state}`).join();
       this.#keys = keys;
       this.#maxEncryptions = max;
+      // Stop vouching for a destroyed version at once, not at the next heartbeat.
+      if (this.#dropDestroyed(keys)) await this.#beat();
       if (this.#keysProblem || changed) {
         this.#log.info({ activeEncrypt: keys.activeVersion('encrypt'), activeIndex: keys.activeVersion('index') }, 'root key registry reloaded');
         this.#keysProblem = undefined;
         this.#worker.kick();
+        this.#jobs.kick();
       }
     } catch (err) {
       if (err instanceof KeyMissingError) {
@@ -291,6 +324,18 @@ export class Sidecar {
         throw err;
       }
     }
+  }
+
+  /**
+   * Zeroes and forgets the configured material of destroyed versions: it is never used
+   * again, and only the operator can delete it from the key store. True when any was dropped.
+   */
+  #dropDestroyed(keys: RootKeyStore): boolean {
+    if (keys.destroyed.length === 0) return false;
+    this.#log.warn({ versions: keys.destroyed.map((h) => `${h.purpose} ${h.version}`), sources: keys.destroyed.map((h) => h.label) },
+      'root key versions destroyed in the registry were dropped from memory; delete them from the key store');
+    this.#material = dropDestroyed(this.#material, keys);
+    return true;
   }
 }
 

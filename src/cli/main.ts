@@ -13,9 +13,16 @@ import { protectCommand } from './commands/protect.js';
 import { statusCommand } from './commands/status.js';
 import { sidecarCommand } from './commands/sidecar.js';
 import { demoCommand } from './commands/demo.js';
+import { auditCommand } from './commands/audit.js';
+import { revealCommand } from './commands/reveal.js';
+import { shredCommand } from './commands/shred.js';
+import { keyCommand } from './commands/key.js';
+import { rotateCommand } from './commands/rotate.js';
 
 export const COMMANDS: readonly Command[] = [
   migrateCommand, keygenCommand, initCommand, protectCommand, statusCommand, sidecarCommand, demoCommand,
+  auditCommand, revealCommand, shredCommand,
+  keyCommand, rotateCommand,
 ];
 
 function usage(): string {

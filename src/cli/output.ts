@@ -41,7 +41,8 @@ export class ProgressBar {
     private readonly stream: NodeJS.WriteStream = process.stderr,
   ) {}
 
-  update(done: number, force = false): void {
+  /** Redraws; `known` gives rate and ETA measured elsewhere (e.g. keyring.rotation_progress) instead of since construction. */
+  update(done: number, force = false, known?: { rate: number; etaSeconds: number }): void {
     const now = Date.now();
     if (!force && now - this.lastDraw < (this.stream.isTTY ? 200 : 2000)) return;
     this.lastDraw = now;
@@ -49,8 +50,8 @@ export class ProgressBar {
     const width = 30;
     const filled = Math.round(frac * width);
     const secs = (now - this.started) / 1000;
-    const rate = secs > 0 ? done / secs : 0;
-    const eta = rate > 0 ? Math.max(0, (this.total - done) / rate) : 0;
+    const rate = known?.rate ?? (secs > 0 ? done / secs : 0);
+    const eta = known?.etaSeconds ?? (rate > 0 ? Math.max(0, (this.total - done) / rate) : 0);
     const text = `${this.label} [${'#'.repeat(filled)}${'.'.repeat(width - filled)}] ` +
       `${done.toLocaleString('en-US')}/${this.total.toLocaleString('en-US')} ` +
       `${Math.round(rate).toLocaleString('en-US')} ${this.unit}/s ETA ${eta.toFixed(0)}s`;
@@ -58,8 +59,8 @@ export class ProgressBar {
     else this.stream.write(`${text}\n`);
   }
 
-  finish(done: number): void {
-    this.update(done, true);
+  finish(done: number, known?: { rate: number; etaSeconds: number }): void {
+    this.update(done, true, known);
     if (this.stream.isTTY) this.stream.write('\n');
   }
 }

@@ -3,7 +3,8 @@
  * found by its fingerprint in keyring.root_keys (never by position); a version a value
  * may depend on with no matching material refuses the start before anything is
  * registered (case C01); an unknown fingerprint is registered as `pending`. The
- * sidecar never invents a key.
+ * sidecar never invents a key. Material of a destroyed version is never used at all:
+ * it is kept apart (`destroyed`) so the owner can zero it (dropDestroyed).
  */
 import type pg from 'pg';
 import { fingerprint, type KeyPurpose, type SecretBytes } from '../crypto/index.js';
@@ -28,11 +29,19 @@ export class RootKeyStore {
   readonly #held: readonly HeldKey[];
   readonly #registry: readonly RootKeyRow[];
   readonly #fingerprints: readonly string[];
+  readonly #destroyed: readonly HeldKey[];
 
+  /** `held`: configured keys matched to versions (destroyed ones are set apart); `fingerprints`: of every configured key. */
   constructor(held: readonly HeldKey[], registry: readonly RootKeyRow[], fingerprints: readonly string[]) {
-    this.#held = held;
+    this.#held = held.filter((h) => h.state !== 'destroyed');
+    this.#destroyed = held.filter((h) => h.state === 'destroyed');
     this.#registry = registry;
-    this.#fingerprints = fingerprints;
+    this.#fingerprints = fingerprints.filter((fp) => !this.#destroyed.some((d) => d.fingerprint === fp));
+  }
+
+  /** The registry state of a version (undefined when not registered). */
+  stateOf(purpose: KeyPurpose, version: number): string | undefined {
+    return this.#registry.find((r) => r.purpose === purpose && r.version === version)?.state;
   }
 
   /** The registered active version of `purpose`, held or not. */
@@ -55,13 +64,18 @@ export class RootKeyStore {
 
   /** Material of one version; KeyUnavailableError (retryable) when this process does not hold it. */
   require(purpose: KeyPurpose, version: number): HeldKey {
+    if (this.stateOf(purpose, version) === 'destroyed') throw new KeyUnavailableError(`${purpose} root key version ${version} was destroyed`);
     const h = this.get(purpose, version);
     if (h === undefined) throw new KeyUnavailableError(`${purpose} root key version ${version} is not held by this sidecar`);
-    if (h.state === 'destroyed') throw new KeyUnavailableError(`${purpose} root key version ${version} was destroyed`);
     return h;
   }
 
-  /** Fingerprints of every configured root key, both purposes (for keyring.sidecars). */
+  /** Configured keys of destroyed versions: never used; the owner zeroes them (dropDestroyed). */
+  get destroyed(): readonly HeldKey[] {
+    return this.#destroyed;
+  }
+
+  /** Fingerprints of every configured root key but destroyed ones, both purposes (for keyring.sidecars). */
   get fingerprints(): readonly string[] {
     return this.#fingerprints;
   }
@@ -118,4 +132,20 @@ export async function resolveRootKeys(
     );
   }
   return new RootKeyStore(held, registry, configured.map((c) => c.fingerprint));
+}
+
+/**
+ * `material` without the keys of destroyed versions, which are zeroed here: a sidecar
+ * drops a destroyed version from memory as soon as the registry says so. Returns
+ * `material` itself when nothing was dropped.
+ */
+export function dropDestroyed(material: RootKeyMaterial, store: RootKeyStore): RootKeyMaterial {
+  if (store.destroyed.length === 0) return material;
+  const gone = new Set(store.destroyed.map((h) => h.key));
+  for (const k of gone) k.dispose();
+  return Object.freeze({
+    source: material.source,
+    encrypt: Object.freeze(material.encrypt.filter((k) => !gone.has(k.key))),
+    index: Object.freeze(material.index.filter((k) => !gone.has(k.key))),
+  });
 }

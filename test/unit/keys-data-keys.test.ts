@@ -3,7 +3,7 @@ import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { deriveIndexKey, fingerprint, generateKey, IvPool, unwrapDataKey, type SecretBytes } from '../../src/crypto/index.js';
 import { DataKeyCache } from '../../src/keys/data-keys.js';
 import { IndexKeyCache } from '../../src/keys/index-keys.js';
-import { resolveRootKeys, type RootKeyStore } from '../../src/keys/root-keys.js';
+import { resolveRootKeys, RootKeyStore } from '../../src/keys/root-keys.js';
 import { createTestDb, type TestDb } from '../helpers/db.js';
 
 let db: TestDb;
@@ -115,6 +115,48 @@ describe('DataKeyCache', () => {
     const dk = (await withClient((c) => k.activeKeys(c, [{ columnId, subject: 'z', count: 1 }]))).get(`${columnId}:z`)!;
     await db.pool.query(`UPDATE keyring.data_keys SET wrapped = set_byte(wrapped, 20, get_byte(wrapped, 20) # 1) WHERE id = $1`, [dk.id.toString()]);
     await expect(withClient((c) => cache().byIds(c, [dk.id]))).rejects.toMatchObject({ code: 'KEY_UNAVAILABLE' });
+  });
+
+  it('wraps no new key under a version that stopped being active (a registry a moment stale)', async () => {
+    // The store still says encrypt v1 is active; the registry no longer does.
+    await db.pool.query(`UPDATE keyring.root_keys SET state = 'decrypt_only' WHERE purpose = 'encrypt' AND version = 1`);
+    try {
+      await expect(withClient((c) => cache().activeKeys(c, [{ columnId, subject: 'stale', count: 1 }])))
+        .rejects.toMatchObject({ code: 'KEY_UNAVAILABLE' }); // retryable: the sidecar reloads and retries
+      expect((await db.pool.query('SELECT count(*)::int AS n FROM keyring.data_keys')).rows[0].n).toBe(0);
+    } finally {
+      await db.pool.query(`UPDATE keyring.root_keys SET state = 'active' WHERE purpose = 'encrypt' AND version = 1`);
+    }
+  });
+
+  it('replaces the active data key of a scope whose root version is disabled, and refuses to decrypt under it', async () => {
+    const k = cache();
+    const first = (await withClient((c) => k.activeKeys(c, [{ columnId, subject: 'd', count: 1 }]))).get(`${columnId}:d`)!;
+    const other = generateKey();
+    await db.pool.query(`UPDATE keyring.root_keys SET state = 'disabled' WHERE purpose = 'encrypt' AND version = 1`);
+    await db.pool.query(`INSERT INTO keyring.root_keys (purpose, version, fingerprint, state) VALUES ('encrypt', 2, $1, 'active')`,
+      [fingerprint(other, 'encrypt')]);
+    try {
+      const fp1 = fingerprint(root, 'encrypt');
+      const fp2 = fingerprint(other, 'encrypt');
+      const now = new RootKeyStore(
+        [{ purpose: 'encrypt', version: 1, state: 'disabled', fingerprint: fp1, label: 'E[0]', key: root },
+          { purpose: 'encrypt', version: 2, state: 'active', fingerprint: fp2, label: 'E[1]', key: other }],
+        [{ purpose: 'encrypt', version: 1, state: 'disabled', fingerprint: fp1 }, { purpose: 'encrypt', version: 2, state: 'active', fingerprint: fp2 }],
+        [fp1, fp2]);
+      const k2 = new DataKeyCache({ capacity: 10, rootKeys: () => now, autocommit: withClient, ivPool: new IvPool() });
+      const next = (await withClient((c) => k2.activeKeys(c, [{ columnId, subject: 'd', count: 1 }]))).get(`${columnId}:d`)!;
+      expect(next.id).not.toBe(first.id);
+      expect(next.rootVersion).toBe(2);
+      expect((await db.pool.query('SELECT state FROM keyring.data_keys WHERE id = $1', [first.id.toString()])).rows[0].state).toBe('retired');
+      await expect(withClient((c) => k2.byIds(c, [first.id]))).rejects.toMatchObject({ code: 'KEY_UNAVAILABLE' });
+      const forJob = await withClient((c) => k2.byIds(c, [first.id], { allowDisabledRoot: true }));
+      expect(forJob.get(first.id)!.key.equals(first.key)).toBe(true);
+    } finally {
+      await db.pool.query('DELETE FROM keyring.data_keys');
+      await db.pool.query(`DELETE FROM keyring.root_keys WHERE purpose = 'encrypt' AND version = 2`);
+      await db.pool.query(`UPDATE keyring.root_keys SET state = 'active' WHERE purpose = 'encrypt' AND version = 1`);
+    }
   });
 
   it('stays within its bound between batches and zeroes evicted keys', async () => {

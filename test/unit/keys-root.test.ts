@@ -2,7 +2,7 @@ import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { fingerprint, generateKey, type KeyPurpose, type SecretBytes } from '../../src/crypto/index.js';
 import { KeyMissingError, NoKeysError } from '../../src/keys/errors.js';
 import type { RootKeyMaterial } from '../../src/keys/material.js';
-import { resolveRootKeys } from '../../src/keys/root-keys.js';
+import { dropDestroyed, resolveRootKeys } from '../../src/keys/root-keys.js';
 import { createTestDb, type TestDb } from '../helpers/db.js';
 
 let db: TestDb;
@@ -107,6 +107,29 @@ describe('resolveRootKeys', () => {
       const store = await resolveRootKeys(c, material([k]), { register: false });
       expect(() => store.active('encrypt')).toThrow(expect.objectContaining({ code: 'KEY_UNAVAILABLE' }));
       expect(store.activeVersion('encrypt')).toBeUndefined();
+    } finally {
+      c.release();
+    }
+  });
+
+  it('sets a destroyed version apart: never held, never vouched for, zeroed by dropDestroyed', async () => {
+    const [gone, live] = [generateKey(), generateKey()];
+    await registry('encrypt', 1, gone, 'destroyed');
+    await registry('encrypt', 2, live, 'active');
+    const m = material([gone, live]);
+    const c = await db.pool.connect();
+    try {
+      const store = await resolveRootKeys(c, m, { register: false });
+      expect(store.get('encrypt', 1)).toBeUndefined();
+      expect(() => store.require('encrypt', 1)).toThrow(/encrypt root key version 1 was destroyed/);
+      expect(store.fingerprints).toEqual([fingerprint(live, 'encrypt')]);
+      expect(store.destroyed.map((h) => [h.version, h.label])).toEqual([[1, 'KEYRING_ENCRYPT_KEYS[0]']]);
+      const kept = dropDestroyed(m, store);
+      expect(gone.disposed).toBe(true);
+      expect(kept.encrypt.map((k) => k.label)).toEqual(['KEYRING_ENCRYPT_KEYS[1]']);
+      expect(live.disposed).toBe(false);
+      const again = await resolveRootKeys(c, kept, { register: false });
+      expect(dropDestroyed(kept, again)).toBe(kept); // nothing left to drop
     } finally {
       c.release();
     }

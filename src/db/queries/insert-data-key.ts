@@ -8,8 +8,10 @@ export async function nextDataKeyId(client: pg.ClientBase): Promise<bigint> {
 
 /**
  * Inserts a new active data key unless another process created the active key of this
- * (column, subject) first (partial unique index data_keys_one_active). Returns true
- * when this row was inserted; on false the caller re-reads the winner.
+ * (column, subject) first (partial unique index data_keys_one_active), or the root
+ * version is no longer active (a sidecar whose registry is a moment stale must not wrap
+ * a key under a version that retire_key may be about to retire). Returns true when this
+ * row was inserted; on false the caller re-reads the winner.
  */
 export async function insertDataKey(
   client: pg.ClientBase,
@@ -17,8 +19,9 @@ export async function insertDataKey(
 ): Promise<boolean> {
   const { rowCount } = await client.query(
     `INSERT INTO keyring.data_keys (id, column_id, subject, root_version, wrapped, generation)
-     VALUES ($1, $2, $3, $4, $5, 1 + coalesce((SELECT max(generation) FROM keyring.data_keys
-                                              WHERE column_id = $2 AND coalesce(subject, '') = coalesce($3, '')), 0))
+     SELECT $1::bigint, $2::integer, $3::text, $4::integer, $5::bytea, 1 + coalesce((SELECT max(generation) FROM keyring.data_keys
+                                             WHERE column_id = $2 AND coalesce(subject, '') = coalesce($3, '')), 0)
+      WHERE EXISTS (SELECT 1 FROM keyring.root_keys WHERE purpose = 'encrypt' AND version = $4 AND state = 'active')
      ON CONFLICT (column_id, coalesce(subject, '')) WHERE state = 'active' DO NOTHING`,
     [k.id.toString(), k.columnId, k.subject, k.rootVersion, k.wrapped],
   );

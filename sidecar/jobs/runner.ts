@@ -1,0 +1,188 @@
+/**
+ * The sidecar's job loop (keyring.jobs: rewrap now, re-encryption and friends later).
+ * One batch of the oldest unfinished job per transaction, the job row locked with
+ * FOR UPDATE SKIP LOCKED as the claim; batches follow each other until no job is left
+ * that this sidecar can run, then it waits for a `job` hint or the poll interval (a
+ * notification is a hint, the table is the truth). Retryable errors (link lost, key not
+ * held, deadlock) roll the batch back and back off; any other error fails the job with
+ * the reason, audited, so one broken job never turns into a loop.
+ */
+import { describeError, isRetryable } from '../../src/db/errors.js';
+import type { Db } from '../../src/db/pool.js';
+import { auditAppend } from '../../src/db/queries/audit-append.js';
+import { claimJob, openJobExists, type JobRow } from '../../src/db/queries/claim-job.js';
+import { failJob } from '../../src/db/queries/update-job.js';
+import type { Logger } from '../../src/log.js';
+import { backoffDelay } from '../listener.js';
+import type { SidecarMetrics } from '../metrics.js';
+import type pg from 'pg';
+
+/** A job that cannot go on (superseded, malformed): failed with this message, not retried. */
+export class JobFailure extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = 'JobFailure';
+  }
+}
+
+export interface JobHandler {
+  readonly kind: string;
+  /** Audit action written when a job of this kind fails (e.g. rotation.failed). */
+  readonly failedAction: string;
+  /** Whether this sidecar holds what the job needs; if not, it leaves the job to another one. */
+  canRun(job: JobRow): boolean;
+  /** One batch inside the caller's transaction (the job row is locked); true when the job is finished. */
+  runBatch(client: pg.ClientBase, job: JobRow): Promise<boolean>;
+}
+
+export interface JobRunnerOptions {
+  readonly db: Db;
+  readonly handlers: readonly JobHandler[];
+  readonly pollIntervalMs: number;
+  readonly instanceId: string;
+  readonly logger: Logger;
+  readonly metrics: SidecarMetrics;
+  /** A reason to run nothing now (key material missing); rechecked after kick(). */
+  readonly paused: () => string | undefined;
+}
+
+type Step = 'idle' | 'progress';
+
+export class JobRunner {
+  readonly #o: JobRunnerOptions;
+  readonly #kinds: string[];
+  /** Jobs this sidecar cannot run with the keys it holds; forgotten on kick() (keys reloaded). */
+  readonly #skip = new Set<string>();
+  #stopping = false;
+  #hinted = false;
+  #wait: { resolve: () => void; hints: boolean } | undefined;
+  #loop: Promise<void> | undefined;
+  #errorStreak = 0;
+
+  constructor(o: JobRunnerOptions) {
+    this.#o = o;
+    this.#kinds = o.handlers.map((h) => h.kind);
+  }
+
+  /** A `job` notification: end an idle wait now. */
+  hint(): void {
+    this.#hinted = true;
+    if (this.#wait?.hints) this.#wait.resolve();
+  }
+
+  /** Keys reloaded or the link came back: look again at once, including skipped jobs. */
+  kick(): void {
+    this.#skip.clear();
+    this.#hinted = true;
+    this.#errorStreak = 0;
+    this.#wait?.resolve();
+  }
+
+  start(): void {
+    this.#loop ??= this.#run();
+  }
+
+  /** Stops after the batch in hand has committed or failed. */
+  async stop(): Promise<void> {
+    this.#stopping = true;
+    this.#wait?.resolve();
+    await this.#loop;
+  }
+
+  async #run(): Promise<void> {
+    while (!this.#stopping) {
+      this.#hinted = false;
+      let failed = false;
+      try {
+        while (!this.#stopping && (await this.#step()) === 'progress');
+        this.#errorStreak = 0;
+      } catch (err) {
+        failed = true;
+        this.#errorStreak++;
+        this.#o.metrics.errors.inc({ kind: 'job' });
+        const level = this.#errorStreak === 1 ? 'warn' : 'debug';
+        this.#o.logger[level]({ err: { message: describeError(err) }, streak: this.#errorStreak }, 'job batch rolled back; will retry');
+      }
+      if (this.#stopping) break;
+      if (failed) {
+        await this.#sleep(backoffDelay(this.#errorStreak, Math.min(100, this.#o.pollIntervalMs), Math.max(this.#o.pollIntervalMs, 5_000)), false);
+      } else if (!this.#hinted) {
+        await this.#sleep(this.#o.pollIntervalMs, true);
+      }
+    }
+  }
+
+  async #step(): Promise<Step> {
+    if (this.#o.paused()) return 'idle';
+    if (!(await openJobExists(this.#o.db.pool, this.#kinds))) return 'idle';
+    let claimed: JobRow | undefined;
+    try {
+      return await this.#o.db.with(async (client) => {
+        await client.query('BEGIN');
+        try {
+          claimed = await claimJob(client, this.#kinds, [...this.#skip]);
+          const job = claimed;
+          if (!job) {
+            await client.query('COMMIT');
+            return 'idle';
+          }
+          const handler = this.#o.handlers.find((h) => h.kind === job.kind)!;
+          if (!handler.canRun(job)) {
+            await client.query('ROLLBACK');
+            this.#skip.add(job.id);
+            this.#o.logger.info({ job: job.id, kind: job.kind, targetVersion: job.target_version },
+              'job left to another sidecar: this one does not hold its target key');
+            return 'progress';
+          }
+          await handler.runBatch(client, job);
+          await client.query('COMMIT');
+          return 'progress';
+        } catch (err) {
+          await client.query('ROLLBACK').catch(() => undefined);
+          throw err;
+        }
+      });
+    } catch (err) {
+      if (!claimed || isRetryable(err)) throw err;
+      await this.#fail(claimed, err instanceof JobFailure ? err.message : describeError(err));
+      return 'progress';
+    }
+  }
+
+  async #fail(job: JobRow, error: string): Promise<void> {
+    const handler = this.#o.handlers.find((h) => h.kind === job.kind);
+    this.#o.metrics.errors.inc({ kind: 'job' });
+    this.#o.logger.error({ job: job.id, kind: job.kind, err: { message: error } }, 'job failed');
+    await this.#o.db.with(async (client) => {
+      await client.query('BEGIN');
+      try {
+        await failJob(client, job.id, error, this.#o.instanceId);
+        await auditAppend(client, {
+          action: handler?.failedAction ?? 'job.failed', actor: this.#o.instanceId,
+          ...(job.purpose ? { keyPurpose: job.purpose } : {}),
+          ...(job.target_version !== null ? { keyVersion: job.target_version } : {}),
+          detail: { job: Number(job.id), kind: job.kind, error },
+        });
+        await client.query('COMMIT');
+      } catch (err) {
+        await client.query('ROLLBACK').catch(() => undefined);
+        throw err;
+      }
+    });
+  }
+
+  #sleep(ms: number, hints: boolean): Promise<void> {
+    return new Promise((resolve) => {
+      const wait = {
+        hints,
+        resolve: (): void => {
+          clearTimeout(timer);
+          if (this.#wait === wait) this.#wait = undefined;
+          resolve();
+        },
+      };
+      const timer = setTimeout(wait.resolve, ms);
+      this.#wait = wait;
+    });
+  }
+}
