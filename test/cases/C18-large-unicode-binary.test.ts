@@ -240,6 +240,7 @@ describe('C18 large, Unicode and binary values', () => {
       `SELECT count(*)::int AS n FROM c18 WHERE id = ANY($1::int[]) AND get_byte(v, 0) = 1 AND octet_length(v) = 37 + $2::int`,
       [backlog, maxBytes]);
     expect(enc.rows[0]!.n).toBe(backlog.length);
+    console.log(`C18 sidecar memory after a backlog of ${backlog.length} x ${maxBytes} bytes: peak RSS ${Math.round(mem.peak / 1e6)} MB, now ${Math.round(mem.rss / 1e6)} MB`);
     expect(mem.peak, `peak RSS ${Math.round(mem.peak / 1e6)} MB`).toBeLessThan(RSS_LIMIT);
     expect(mem.rss, `RSS ${Math.round(mem.rss / 1e6)} MB`).toBeLessThan(RSS_LIMIT);
   });

@@ -54,9 +54,15 @@ export const INLINE_BYTES = 65_536;
 
 /** The values of claimed rows that came without one (large values), by row address. */
 export async function fetchValues(client: pg.ClientBase, ctids: readonly string[]): Promise<Map<string, Buffer>> {
-  const { rows } = await client.query<{ ctid: string; value: Buffer }>(
-    'SELECT ctid::text AS ctid, value FROM keyring.pending WHERE ctid = ANY($1::tid[])', [ctids]);
-  return new Map(rows.map((r) => [r.ctid, r.value]));
+  const out = new Map<string, Buffer>();
+  for (const ctid of ctids) {
+    // One value at a time: each arrives as hex text twice its size before it is parsed.
+    // (node-postgres decodes every result field as UTF-8 text even when binary results
+    // are requested per query, which would corrupt binary values, so text it is.)
+    const { rows } = await client.query<{ value: Buffer }>('SELECT value FROM keyring.pending WHERE ctid = $1::tid', [ctid]);
+    if (rows[0]) out.set(ctid, rows[0].value);
+  }
+  return out;
 }
 
 /** Claims one queued value by id (the one-at-a-time retry after a failed batch). */

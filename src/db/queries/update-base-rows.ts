@@ -74,8 +74,34 @@ export function baseUpdateParams(t: BaseTable, rows: readonly BaseRowUpdate[]): 
   return params;
 }
 
+/** Envelopes above this size are written one row at a time with binary parameters. */
+export const LARGE_ENVELOPE_BYTES = 65_536;
+
+/**
+ * The one-row form of baseUpdateSql with scalar parameters. node-postgres sends a Buffer
+ * parameter in binary, but renders the Buffers of an array parameter as hex text: for a
+ * multi-MiB envelope that is two more copies of twice its size in memory.
+ */
+function singleRowSql(t: BaseTable): string {
+  const n = 1 + t.columns.reduce((acc, c) => acc + (c.bidxColumn === null ? 2 : 3), 0);
+  let sql = baseUpdateSql(t)
+    .replace(/unnest\((.*)\) AS u\((.*)\)/s, (_m, args: string, names: string) => {
+      const a = args.split(', ').map((x) => x.replace('[]', ''));
+      return `(SELECT ${a.map((x, i) => `${x} AS ${names.split(', ')[i]}`).join(', ')}) AS u`;
+    });
+  if (!sql.includes(`$${n}`)) throw new Error('singleRowSql: parameter count mismatch');
+  return sql;
+}
+
 /** Writes envelopes and terms of one table's rows; returns the number of rows updated. */
 export async function updateBaseRows(client: pg.ClientBase, t: BaseTable, rows: readonly BaseRowUpdate[]): Promise<number> {
-  const { rowCount } = await client.query(baseUpdateSql(t), baseUpdateParams(t, rows));
-  return rowCount ?? 0;
+  const isLarge = (r: BaseRowUpdate) => r.values.some((v) => v !== undefined && v.ciphertext.length > LARGE_ENVELOPE_BYTES);
+  const small = rows.filter((r) => !isLarge(r));
+  let updated = 0;
+  if (small.length > 0) updated += (await client.query(baseUpdateSql(t), baseUpdateParams(t, small))).rowCount ?? 0;
+  for (const r of rows.filter(isLarge)) {
+    const params = baseUpdateParams(t, [r]).map((p) => (p as unknown[])[0]);
+    updated += (await client.query(singleRowSql(t), params)).rowCount ?? 0;
+  }
+  return updated;
 }
