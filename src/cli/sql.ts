@@ -11,9 +11,28 @@ export async function withClient<T>(env: NodeJS.ProcessEnv, applicationName: str
   try {
     return await fn(client);
   } catch (err) {
+    await recordRefusal(client, err);
     throw asCliError(err);
   } finally {
     await client.end().catch(() => undefined);
+  }
+}
+
+/**
+ * A refused privileged call is an audit event (docs/audit.md "Refused privileged calls"):
+ * Postgres refuses the call before the function runs and the transaction rolls back, so
+ * the refusal is recorded afterwards, in a new transaction, as this login. Best effort:
+ * the refusal itself is what the command reports.
+ */
+async function recordRefusal(client: pg.Client, err: unknown): Promise<void> {
+  if (!(err instanceof pg.DatabaseError) || err.code !== '42501') return;
+  const fn = /^permission denied for function (\w+)$/.exec(err.message)?.[1];
+  if (!fn) return;
+  try {
+    await client.query('ROLLBACK'); // a WARNING only, outside a transaction
+    await client.query('SELECT keyring.audit_refusal($1)', [fn]);
+  } catch {
+    // not recorded (older schema, connection lost): the refusal is still reported
   }
 }
 

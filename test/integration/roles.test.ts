@@ -10,7 +10,8 @@
  *
  * Relations and functions are enumerated from the catalog, so an object added later is
  * covered by the invariants (writer: nothing at all; auditor: no writes; no role writes
- * the audit log) until it is added to the matrix below.
+ * the audit log) until it is added to the matrix below. Every role may call
+ * audit_refusal() (00008), which records its own refusal: test/integration/audit-refusals.test.ts.
  */
 import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -25,7 +26,7 @@ const OPS: readonly Op[] = ['SELECT', 'INSERT', 'UPDATE', 'DELETE', 'TRUNCATE'];
 const ALL: readonly Op[] = OPS;
 const AUDITOR_ROLE = 'keyring_test_auditor';
 
-/** What each role may do on the relations of schema keyring made by migrations 00001-00004 and 00006. */
+/** What each role may do on the relations of schema keyring made by migrations 00001-00006. */
 const MATRIX: Record<string, Record<Role, readonly Op[]>> = {
   root_keys: { keyring_writer: [], keyring_auditor: [], keyring_sidecar: ['SELECT'], keyring_admin: ALL },
   data_keys: { keyring_writer: [], keyring_auditor: [], keyring_sidecar: ['SELECT', 'INSERT', 'UPDATE'], keyring_admin: ALL },
@@ -37,11 +38,17 @@ const MATRIX: Record<string, Record<Role, readonly Op[]>> = {
   migrations: { keyring_writer: [], keyring_auditor: [], keyring_sidecar: ['SELECT'], keyring_admin: ALL },
   audit_log: { keyring_writer: [], keyring_auditor: ['SELECT'], keyring_sidecar: [], keyring_admin: ['SELECT'] },
   audit_head: { keyring_writer: [], keyring_auditor: ['SELECT'], keyring_sidecar: [], keyring_admin: ['SELECT'] },
+  // 00005: sidecars claim and advance jobs, they create none
+  jobs: { keyring_writer: [], keyring_auditor: [], keyring_sidecar: ['SELECT', 'UPDATE'], keyring_admin: ALL },
   // views
   status: { keyring_writer: [], keyring_auditor: ['SELECT'], keyring_sidecar: [], keyring_admin: ALL },
   audit: { keyring_writer: [], keyring_auditor: ['SELECT'], keyring_sidecar: [], keyring_admin: ['SELECT'] },
   compromise_report: { keyring_writer: [], keyring_auditor: ['SELECT'], keyring_sidecar: [], keyring_admin: ['SELECT'] },
   alerts: { keyring_writer: [], keyring_auditor: ['SELECT'], keyring_sidecar: [], keyring_admin: ['SELECT'] },
+  // 00005: auditors answer "which keys are due" and follow rotations
+  key_inventory: { keyring_writer: [], keyring_auditor: ['SELECT'], keyring_sidecar: [], keyring_admin: ALL },
+  rotation_due: { keyring_writer: [], keyring_auditor: ['SELECT'], keyring_sidecar: [], keyring_admin: ALL },
+  rotation_progress: { keyring_writer: [], keyring_auditor: ['SELECT'], keyring_sidecar: [], keyring_admin: ALL },
 };
 
 /**
@@ -50,12 +57,21 @@ const MATRIX: Record<string, Record<Role, readonly Op[]>> = {
  * call (internal helpers and trigger functions are nobody's to call).
  */
 const CALLABLE: Record<Role, readonly string[]> = {
-  keyring_admin: ['protect', 'unprotect', 'register_key', 'activate_key', 'shred', 'audit_reveal', 'reveal_allowed',
-    'verify_audit_chain', 'column_status', 'audit_append', 'setting', 'max_value_bytes'],
-  keyring_writer: [],
-  keyring_auditor: ['column_status', 'verify_audit_chain', 'audit_row_hash'],
-  keyring_sidecar: ['audit_append', 'register_key', 'setting', 'max_value_bytes', 'min_max_value_bytes', 'notify'],
+  keyring_admin: ['protect', 'unprotect', 'register_key', 'activate_key', 'retire_key', 'disable_key', 'enable_key',
+    'destroy_key', 'rotate', 'key_dependents', 'reencrypt', 'shred', 'audit_reveal', 'reveal_allowed',
+    'verify_audit_chain', 'column_status', 'audit_append', 'setting', 'max_value_bytes', 'audit_refusal'],
+  keyring_writer: ['audit_refusal'],
+  keyring_auditor: ['column_status', 'verify_audit_chain', 'audit_row_hash', 'audit_refusal'],
+  keyring_sidecar: ['audit_append', 'register_key', 'setting', 'max_value_bytes', 'min_max_value_bytes', 'notify', 'audit_refusal'],
 };
+
+/**
+ * The DBA entry points of 00002 and 00005-00007, named so that a renamed or dropped one is
+ * noticed: each must exist and be refused (42501) to every role but keyring_admin (and
+ * register_key, which the sidecar calls at start).
+ */
+const DBA_ENTRY_POINTS = ['protect', 'unprotect', 'register_key', 'activate_key', 'retire_key', 'disable_key',
+  'enable_key', 'destroy_key', 'rotate', 'key_dependents', 'reencrypt', 'shred', 'audit_reveal', 'reveal_allowed'] as const;
 
 let db: TestDb;
 const sidecarRole = `kr_sc_roles_${process.pid}`;
@@ -140,8 +156,12 @@ describe('test login roles', () => {
     }
   });
 
-  it('the matrix names every relation made by 00001-00004 and 00006', () => {
+  it('the matrix names every relation made by 00001-00006', () => {
     for (const name of Object.keys(MATRIX)) expect(relations.map((r) => r.name)).toContain(name);
+  });
+
+  it('every named DBA entry point exists', () => {
+    for (const name of DBA_ENTRY_POINTS) expect(functions.map((f) => f.name)).toContain(name);
   });
 });
 
@@ -190,6 +210,7 @@ describe.each(['keyring_writer', 'keyring_auditor', 'keyring_sidecar', 'keyring_
     const allowed = new Set([...CALLABLE[role], 'data_key_id']);
     const wrong: string[] = [];
     let refused = 0;
+    const refusedNames = new Set<string>();
     for (const f of functions) {
       // (SELECT NULL): a constant NULL would let the planner fold a STRICT function away
       // before its EXECUTE privilege is checked.
@@ -199,12 +220,18 @@ describe.each(['keyring_writer', 'keyring_auditor', 'keyring_sidecar', 'keyring_
       const code = await attempt(role, call);
       if (mayCall && code === '42501') wrong.push(`${f.name}(${f.args}) refused`);
       if (!mayCall) {
-        if (code === '42501') refused++;
-        else wrong.push(`${f.name}(${f.args}): ${code}`);
+        if (code === '42501') {
+          refused++;
+          refusedNames.add(f.name);
+        } else wrong.push(`${f.name}(${f.args}): ${code}`);
       }
     }
     expect(wrong).toEqual([]);
     expect(refused).toBeGreaterThan(role === 'keyring_admin' ? -1 : 10);
+    if (role !== 'keyring_admin') {
+      const entryPoints = DBA_ENTRY_POINTS.filter((name) => !CALLABLE[role].includes(name));
+      expect(entryPoints.filter((name) => !refusedNames.has(name))).toEqual([]);
+    }
   });
 
   it('cannot write ciphertext or blind-index columns of a protected table, nor the audit log', async () => {
@@ -256,6 +283,11 @@ describe('beyond privileges', () => {
     expect(await attempt('keyring_writer', 'SELECT id, name, national_id FROM public.customers')).toBe('ok');
     expect(await attempt('keyring_auditor', 'SELECT * FROM keyring.verify_audit_chain()')).toBe('ok');
     expect(await attempt('keyring_auditor', `SELECT * FROM keyring.compromise_report WHERE key_version = 1`)).toBe('ok');
+    expect(await attempt('keyring_auditor', 'SELECT purpose, version, next_due, overdue FROM keyring.key_inventory')).toBe('ok');
+    expect(await attempt('keyring_auditor', 'SELECT * FROM keyring.rotation_due')).toBe('ok');
+    expect(await attempt('keyring_auditor', 'SELECT job, state, percent, eta FROM keyring.rotation_progress')).toBe('ok');
+    expect(await attempt('keyring_sidecar', `SELECT id FROM keyring.jobs WHERE state IN ('queued', 'running') FOR UPDATE SKIP LOCKED`)).toBe('ok');
+    expect(await attempt('keyring_admin', `SELECT * FROM keyring.key_dependents('encrypt', 1)`)).toBe('ok');
     expect(await attempt('keyring_sidecar', 'SELECT id, value FROM keyring.pending FOR UPDATE SKIP LOCKED')).toBe('ok');
     expect(await attempt('keyring_admin', `SELECT * FROM keyring.alerts`)).toBe('ok');
     expect(await attempt('keyring_admin', `SELECT keyring.reveal_allowed('someone')`)).toBe('ok');

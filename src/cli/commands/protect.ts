@@ -1,6 +1,6 @@
-import pg from 'pg';
-import { databaseUrl, parse, type Command } from '../command.js';
+import { parse, type Command } from '../command.js';
 import { usageError } from '../errors.js';
+import { withClient } from '../sql.js';
 
 /** Splits `schema.table.column` (or `table.column`, schema public). */
 export function parseColumnRef(ref: string): { table: string; column: string } {
@@ -40,20 +40,15 @@ Options:
     const priority = values.priority === undefined ? 100 : Number(values.priority);
     if (!Number.isInteger(priority)) throw usageError('--priority must be a whole number');
     const normalize = (values.normalize ?? 'none').split(',').map((s) => s.trim()).filter(Boolean);
-    const client = new pg.Client({ connectionString: databaseUrl(env), application_name: 'keyring protect' });
-    await client.connect();
-    try {
+    return withClient(env, 'keyring protect', async (client) => {
       const { rows } = await client.query<{ id: number }>(
         `SELECT keyring.protect($1, $2, p_blind_index => $3, p_normalize => $4, p_index_bytes => $5,
                 p_classification => $6, p_priority => $7) AS id`,
         [table, column, values['blind-index'] ?? false, normalize, indexBytes,
           values.classification ?? 'L3 Confidential', priority],
       );
-      const view = `${table}_staging`;
-      out.line(`protected ${table}.${column} (column id ${rows[0]?.id}); write plaintext into ${view}`);
-    } finally {
-      await client.end();
-    }
-    return 0;
+      out.line(`protected ${table}.${column} (column id ${rows[0]?.id}); write plaintext into ${table}_staging`);
+      return 0;
+    });
   },
 };

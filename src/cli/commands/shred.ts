@@ -1,7 +1,7 @@
-import pg from 'pg';
 import { shredSubject } from '../../db/queries/shred-subject.js';
-import { databaseUrl, parse, type Command } from '../command.js';
-import { CliError, usageError } from '../errors.js';
+import { parse, type Command } from '../command.js';
+import { usageError } from '../errors.js';
+import { withClient } from '../sql.js';
 
 export const shredCommand: Command = {
   name: 'shred',
@@ -24,21 +24,11 @@ Needs keyring_admin and UPDATE on the protected tables (their owner).`,
     if (positionals.length !== 1) throw usageError('expected exactly one <subject>');
     if (values.reason === undefined || values.reason.trim() === '') throw usageError('--reason "WHY" is required (it goes into the audit log)');
     if (!values.yes) throw usageError('shredding cannot be undone: the values of this subject become unreadable for good; add --yes');
-    const client = new pg.Client({ connectionString: databaseUrl(env), application_name: 'keyring shred' });
-    client.on('error', () => undefined);
-    await client.connect();
-    try {
-      const r = await shredSubject(client, positionals[0]!, values.reason.trim());
+    return withClient(env, 'keyring shred', async (client) => {
+      const r = await shredSubject(client, positionals[0]!, values.reason!.trim());
       out.line(`shredded subject ${positionals[0]}: ${r.dataKeys} data keys destroyed, ${r.indexTerms} blind-index terms cleared, ` +
         `${r.queued} queued values deleted`);
       return 0;
-    } catch (err) {
-      if (err instanceof pg.DatabaseError) {
-        throw new CliError(`SQLSTATE_${err.code}`, `${err.message.replace(/^keyring: /, '')} (SQLSTATE ${err.code})${err.hint ? `. Hint: ${err.hint}` : ''}`);
-      }
-      throw err;
-    } finally {
-      await client.end().catch(() => undefined);
-    }
+    });
   },
 };
