@@ -82,6 +82,11 @@ export async function processBatch(ctx: BatchContext, limit: number, afterId = '
     // budget is not mistaken for a drained queue; the cursor stops at the last row done.
     return { claimed: taken, lastId: lastIdOf(claimed, afterId), encrypted, failed: 0, quarantined: 0 };
   } catch (err) {
+    // Another batch used up the data key meanwhile: nothing was written; claim the same
+    // rows again at once (the next look at the key retires it and creates a new one).
+    if ((err as { code?: unknown }).code === 'DATA_KEY_WORN') {
+      return { claimed: taken, lastId: afterId, encrypted: 0, failed: 0, quarantined: 0 };
+    }
     if (isRetryable(err) || claimed.length === 0) throw err;
     ctx.metrics.errors.inc({ kind: 'batch' });
     ctx.logger.warn({ err: { message: describeError(err) }, rows: claimed.length }, 'batch failed; retrying its rows one at a time');
@@ -178,6 +183,7 @@ async function encryptRows(ctx: BatchContext, client: pg.ClientBase, rows: reado
       demands.set(scope, { columnId: r.column_id, subject: r.subject, count: (d?.count ?? 0) + 1 });
     }
     const keys = await ctx.dataKeys.activeKeys(client, [...demands.values()]);
+    const specs = new Map([...columns.values()].map((c) => [c.id, parseNormalization(c.normalize)]));
     const sealed: Sealed[] = rows.map((row) => {
       const col = columns.get(row.column_id);
       if (!col) throw new Error(`column ${row.column_id} is not registered`);
@@ -189,7 +195,7 @@ async function encryptRows(ctx: BatchContext, client: pg.ClientBase, rows: reado
       let indexVersion: number | null = null;
       if (col.bidx_column !== null) {
         const ik = ctx.indexKeys.active(col.id, row.tenant);
-        term = blindIndexTerm(ik.key, ik.version, value, parseNormalization(col.normalize), col.index_bytes, col.data_type !== 'bytea');
+        term = blindIndexTerm(ik.key, ik.version, value, specs.get(col.id)!, col.index_bytes, col.data_type !== 'bytea');
         indexVersion = ik.version;
       }
       return { row, col, dataKeyId: dk.id, rootVersion: dk.rootVersion, ciphertext, term, indexVersion };
@@ -199,10 +205,12 @@ async function encryptRows(ctx: BatchContext, client: pg.ClientBase, rows: reado
     await deletePending(client, rows.map((r) => r.ctid));
     const perKey = new Map<bigint, number>();
     for (const s of sealed) perKey.set(s.dataKeyId, (perKey.get(s.dataKeyId) ?? 0) + 1);
-    await addEncryptions(client, perKey);
+    await addEncryptions(client, perKey, ctx.dataKeys.maxEncryptions);
     // Last statement before COMMIT: audit_append holds the chain's lock until commit.
     await auditBatch(ctx, client, sealed);
-    for (const s of sealed) ctx.metrics.encryptions.inc({ root_version: String(s.rootVersion) });
+    const perRoot = new Map<number, number>();
+    for (const s of sealed) perRoot.set(s.rootVersion, (perRoot.get(s.rootVersion) ?? 0) + 1);
+    for (const [v, n] of perRoot) ctx.metrics.encryptions.inc({ root_version: String(v) }, n);
     return sealed.length;
   } finally {
     ctx.dataKeys.trim();

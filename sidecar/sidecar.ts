@@ -25,6 +25,7 @@ import { createLogger, type Logger } from '../src/log.js';
 import { processBatch, type BatchResult } from './claim.js';
 import { unwrapFailureReporter } from './decrypt-audit.js';
 import { HealthServer, type HealthState } from './health.js';
+import { reencryptHandler } from './jobs/reencrypt.js';
 import { rewrapHandler } from './jobs/rewrap.js';
 import { JobRunner } from './jobs/runner.js';
 import { Listener } from './listener.js';
@@ -92,6 +93,7 @@ export class Sidecar {
     };
     this.#worker = new Worker({
       batchSize: config.batchSize,
+      concurrency: config.concurrency,
       pollIntervalMs: config.pollIntervalMs,
       logger: log,
       metrics: this.#metrics,
@@ -104,6 +106,9 @@ export class Sidecar {
       paused: () => this.#keysProblem,
       handlers: [rewrapHandler({
         rootKeys: () => this.#keys, ivPool, instanceId: config.instanceId, logger: log, testDelayMs: config.testBatchDelayMs,
+      }), reencryptHandler({
+        db, dataKeys: this.#dataKeys, rootKeys: () => this.#keys, ivPool, instanceId: config.instanceId, logger: log,
+        metrics: this.#metrics, testDelayMs: config.testBatchDelayMs,
       })],
     });
   }
@@ -115,6 +120,9 @@ export class Sidecar {
       connectionString: config.databaseUrl,
       applicationName: `keyring sidecar ${config.instanceId}`.slice(0, 63),
       connectTimeoutMs: config.listenTimeoutMs,
+      // Per lane: its batch and a data key creation (autocommit); plus the job runner,
+      // the heartbeat and a queue count, so that no lane ever waits for a connection.
+      max: 2 * config.concurrency + 3,
       logger: log,
     });
     try {

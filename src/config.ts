@@ -19,6 +19,8 @@ export interface Config {
   readonly batchSize: number;
   /** Plaintext bytes claimed per batch at most (at least one value): bounds sidecar memory. */
   readonly batchBytes: number;
+  /** Batches in flight at once, each in its own transaction. */
+  readonly concurrency: number;
   readonly pollIntervalMs: number;
   /** Bound on detecting a dead LISTEN link (half-open TCP included), case C10. */
   readonly listenTimeoutMs: number;
@@ -48,6 +50,7 @@ export const CONFIG_VARIABLES: readonly ConfigVariable[] = Object.freeze([
   { name: 'KEYRING_KEY_FILE', default: undefined, description: 'Instead of the two variables above: path to a JSON file {"encrypt": [hex...], "index": [hex...], "comment"?: string}, mode 0600 or stricter.' },
   { name: 'KEYRING_BATCH_SIZE', default: '500', description: 'Queued values claimed and encrypted per transaction (1..10000).' },
   { name: 'KEYRING_BATCH_BYTES', default: '8388608', description: 'Plaintext bytes claimed per batch at most (a single larger value still goes alone); bounds sidecar memory with large values.' },
+  { name: 'KEYRING_CONCURRENCY', default: '2', description: 'Batches in flight at once, each in its own transaction: one encrypts while another is written.' },
   { name: 'KEYRING_POLL_INTERVAL_MS', default: '1000', description: 'Backstop poll of the queue when no notification arrives (ms).' },
   { name: 'KEYRING_LISTEN_TIMEOUT_MS', default: '10000', description: 'A dead LISTEN connection, half-open TCP included, is detected within this time and reconnected (ms).' },
   { name: 'KEYRING_LOG_LEVEL', default: 'info', description: `Log level: ${LOG_LEVELS.join(', ')}.` },
@@ -104,6 +107,7 @@ const schema = z.object({
   DATABASE_URL: databaseUrl,
   KEYRING_BATCH_SIZE: intVar(500, 1, 10_000),
   KEYRING_BATCH_BYTES: intVar(8_388_608, 65_536, 1_073_741_823),
+  KEYRING_CONCURRENCY: intVar(2, 1, 16),
   KEYRING_POLL_INTERVAL_MS: intVar(1000, 10, 3_600_000),
   KEYRING_LISTEN_TIMEOUT_MS: intVar(10_000, 100, 600_000),
   KEYRING_LOG_LEVEL: z.preprocess(
@@ -147,6 +151,7 @@ export function loadConfig(env: NodeJS.ProcessEnv): Config {
     keys,
     batchSize: v.KEYRING_BATCH_SIZE,
     batchBytes: v.KEYRING_BATCH_BYTES,
+    concurrency: v.KEYRING_CONCURRENCY,
     pollIntervalMs: v.KEYRING_POLL_INTERVAL_MS,
     listenTimeoutMs: v.KEYRING_LISTEN_TIMEOUT_MS,
     logLevel: v.KEYRING_LOG_LEVEL,

@@ -507,7 +507,10 @@ BEGIN
   -- guard on INSERT would cost every staged row a trigger (its WHEN clause is re-read for
   -- each base INSERT the staging trigger runs); writers have no INSERT on the base table.
   EXECUTE format(
-    'CREATE TRIGGER keyring_guard_update BEFORE UPDATE OF %s ON %s FOR EACH ROW WHEN (%s) '
+    -- The role test in WHEN spares the sidecar's rows a PL/pgSQL call each (measured
+    -- 1.5-2.6 ms per 1,000-row batch); the function keeps the same test for other callers.
+    'CREATE TRIGGER keyring_guard_update BEFORE UPDATE OF %s ON %s FOR EACH ROW WHEN ((%s) '
+    || 'AND NOT pg_catalog.pg_has_role(current_user, ''keyring_sidecar'', ''MEMBER'')) '
     || 'EXECUTE FUNCTION keyring.tg_guard__protected(%L, %L)',
     array_to_string(v_guard_cols, ', '), v_qtable, array_to_string(v_guard_upd, ' OR '),
     v_fn_update || '()', v_qview);

@@ -22,7 +22,7 @@ const RETRYABLE_CLASS = new Set(['08', '53', '58']);
 const SOCKET_CODES = new Set(['ECONNRESET', 'ECONNREFUSED', 'EPIPE', 'ETIMEDOUT', 'EHOSTUNREACH', 'ENETUNREACH', 'ENOTFOUND', 'EAI_AGAIN']);
 
 /** Key codes that depend on which keys this process holds, not on the value. */
-const RETRYABLE_KEYRING = new Set(['KEY_UNAVAILABLE', 'KEY_MISSING']);
+const RETRYABLE_KEYRING = new Set(['KEY_UNAVAILABLE', 'KEY_MISSING', 'DATA_KEY_WORN']);
 
 export function sqlState(err: unknown): string | undefined {
   const code = (err as { code?: unknown } | null)?.code;

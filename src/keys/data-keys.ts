@@ -99,6 +99,11 @@ export class DataKeyCache {
     return out;
   }
 
+  /** The per-key encryption bound in force (keyring.settings data_key_max_encryptions). */
+  get maxEncryptions(): bigint {
+    return this.#o.maxEncryptions?.() ?? DEFAULT_MAX_ENCRYPTIONS;
+  }
+
   /** Zeroes evicted keys; called between batches (see SecretLru). */
   trim(): void {
     this.#lru.trim();

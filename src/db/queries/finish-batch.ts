@@ -1,3 +1,4 @@
+import { KeyringError } from '../../crypto/index.js';
 import type pg from 'pg';
 
 /**
@@ -10,12 +11,21 @@ export async function deletePending(client: pg.ClientBase, ctids: readonly strin
   await client.query('DELETE FROM keyring.pending WHERE ctid = ANY($1::tid[])', [ctids]);
 }
 
-/** Adds this batch's encryptions to each data key's counter, in one statement. */
-export async function addEncryptions(client: pg.ClientBase, counts: ReadonlyMap<bigint, number>): Promise<void> {
+/**
+ * Adds this batch's encryptions to each data key's counter, in one statement, only while
+ * the total stays within `max` (2^32: NIST SP 800-38D bound for random 96-bit IVs). The
+ * check reads the counter under the row lock the UPDATE takes, so concurrent batches (of
+ * one sidecar or several) can never push a key past the bound together: the batch that
+ * would is refused with DATA_KEY_WORN, rolls back, and is redone under a new key.
+ */
+export async function addEncryptions(client: pg.ClientBase, counts: ReadonlyMap<bigint, number>, max: bigint): Promise<void> {
   if (counts.size === 0) return;
-  await client.query(
+  const { rowCount } = await client.query(
     `UPDATE keyring.data_keys d SET encryptions = d.encryptions + u.n
-       FROM unnest($1::bigint[], $2::bigint[]) AS u(id, n) WHERE d.id = u.id`,
-    [[...counts.keys()].map(String), [...counts.values()]],
+       FROM unnest($1::bigint[], $2::bigint[]) AS u(id, n) WHERE d.id = u.id AND d.encryptions + u.n <= $3::bigint`,
+    [[...counts.keys()].map(String), [...counts.values()], max.toString()],
   );
+  if ((rowCount ?? 0) < counts.size) {
+    throw new KeyringError('DATA_KEY_WORN', 'keyring: a data key reached its encryption bound during this batch; the batch is redone under a new key');
+  }
 }
