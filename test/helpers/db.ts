@@ -25,19 +25,18 @@ function runId(): string {
   return /^keyring_tpl_(\d+)_/.exec(tpl)?.[1] ?? '0';
 }
 
-/** Creates a fresh, migrated database for one test file (or one test). */
-export async function createTestDb(): Promise<TestDb> {
+/** Creates database `name` from `template` and returns it with a superuser pool. */
+async function createFrom(name: string, template: string, poolSize: number): Promise<TestDb> {
   const adminUrl = inject('adminUrl');
-  const name = `kt_${runId()}_${process.pid}_${Date.now()}_${counter++}`;
   const admin = new pg.Client({ connectionString: adminUrl });
   await admin.connect();
   try {
-    await admin.query(`CREATE DATABASE ${name} TEMPLATE ${inject('templateDb')}`);
+    await admin.query(`CREATE DATABASE ${name} TEMPLATE ${template}`);
   } finally {
     await admin.end();
   }
   const url = withDatabase(adminUrl, name);
-  const pool = new pg.Pool({ connectionString: url, max: 8 });
+  const pool = new pg.Pool({ connectionString: url, max: poolSize });
   pool.on('error', () => undefined);
   return {
     url,
@@ -45,12 +44,14 @@ export async function createTestDb(): Promise<TestDb> {
     pool,
     async drop() {
       await pool.end();
-      const c = new pg.Client({ connectionString: adminUrl });
-      await c.connect();
-      await c.query(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`).catch(() => undefined);
-      await c.end();
+      await dropDatabase(name);
     },
   };
+}
+
+/** Creates a fresh, migrated database for one test file (or one test). */
+export async function createTestDb(): Promise<TestDb> {
+  return createFrom(`kt_${runId()}_${process.pid}_${Date.now()}_${counter++}`, inject('templateDb'), 8);
 }
 
 /**
@@ -64,30 +65,7 @@ export function testDbName(tag: string): string {
 
 /** A fresh database WITHOUT the keyring schema (cloned from template0), e.g. for `keyring migrate`. */
 export async function createEmptyTestDb(tag = 'empty'): Promise<TestDb> {
-  const adminUrl = inject('adminUrl');
-  const name = testDbName(tag);
-  const admin = new pg.Client({ connectionString: adminUrl });
-  await admin.connect();
-  try {
-    await admin.query(`CREATE DATABASE ${name} TEMPLATE template0 ENCODING 'UTF8'`);
-  } finally {
-    await admin.end();
-  }
-  const url = withDatabase(adminUrl, name);
-  const pool = new pg.Pool({ connectionString: url, max: 4 });
-  pool.on('error', () => undefined);
-  return {
-    url,
-    name,
-    pool,
-    async drop() {
-      await pool.end();
-      const c = new pg.Client({ connectionString: adminUrl });
-      await c.connect();
-      await c.query(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`).catch(() => undefined);
-      await c.end();
-    },
-  };
+  return createFrom(testDbName(tag), `template0 ENCODING 'UTF8'`, 4);
 }
 
 /** Drops a database by name on the test server (no error when it is gone). */
