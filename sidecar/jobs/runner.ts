@@ -33,6 +33,13 @@ export interface JobHandler {
   canRun(job: JobRow): boolean;
   /** One batch inside the caller's transaction (the job row is locked); true when the job is finished. */
   runBatch(client: pg.ClientBase, job: JobRow): Promise<boolean>;
+  /**
+   * Work done after the claim transaction committed, in transactions of its own (a
+   * re-encryption: runBatch only carves the next range under the job row lock, so that
+   * several sidecars share one job). True when something was done; false leaves the job
+   * to others until the next round.
+   */
+  work?(job: JobRow): Promise<boolean>;
 }
 
 export interface JobRunnerOptions {
@@ -53,6 +60,8 @@ export class JobRunner {
   readonly #kinds: string[];
   /** Jobs this sidecar cannot run with the keys it holds; forgotten on kick() (keys reloaded). */
   readonly #skip = new Set<string>();
+  /** Jobs with nothing for this sidecar in this round (other sidecars hold their open ranges). */
+  readonly #busy = new Set<string>();
   #stopping = false;
   #hinted = false;
   #wait: { resolve: () => void; hints: boolean } | undefined;
@@ -116,14 +125,16 @@ export class JobRunner {
     if (this.#o.paused()) return 'idle';
     if (!(await openJobExists(this.#o.db.pool, this.#kinds))) return 'idle';
     let claimed: JobRow | undefined;
+    let after: JobHandler | undefined;
     try {
-      return await this.#o.db.with(async (client) => {
+      const step = await this.#o.db.with(async (client): Promise<Step> => {
         await client.query('BEGIN');
         try {
-          claimed = await claimJob(client, this.#kinds, [...this.#skip]);
+          claimed = await claimJob(client, this.#kinds, [...this.#skip, ...this.#busy]);
           const job = claimed;
           if (!job) {
             await client.query('COMMIT');
+            this.#busy.clear();
             return 'idle';
           }
           const handler = this.#o.handlers.find((h) => h.kind === job.kind)!;
@@ -136,12 +147,15 @@ export class JobRunner {
           }
           await handler.runBatch(client, job);
           await client.query('COMMIT');
+          if (handler.work) after = handler;
           return 'progress';
         } catch (err) {
           await client.query('ROLLBACK').catch(() => undefined);
           throw err;
         }
       });
+      if (after && claimed && !(await after.work!(claimed))) this.#busy.add(claimed.id);
+      return step;
     } catch (err) {
       if (!claimed || isRetryable(err)) throw err;
       await this.#fail(claimed, err instanceof JobFailure ? err.message : describeError(err));

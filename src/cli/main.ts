@@ -18,11 +18,13 @@ import { revealCommand } from './commands/reveal.js';
 import { shredCommand } from './commands/shred.js';
 import { keyCommand } from './commands/key.js';
 import { rotateCommand } from './commands/rotate.js';
+import { reencryptCommand } from './commands/reencrypt.js';
+import { verifyCommand } from './commands/verify.js';
 
 export const COMMANDS: readonly Command[] = [
   migrateCommand, keygenCommand, initCommand, protectCommand, statusCommand, sidecarCommand, demoCommand,
   auditCommand, revealCommand, shredCommand,
-  keyCommand, rotateCommand,
+  keyCommand, rotateCommand, reencryptCommand, verifyCommand,
 ];
 
 function usage(): string {

@@ -1,38 +1,7 @@
-import type pg from 'pg';
-import { ProgressBar } from '../output.js';
+import { fmt, followJobs, jobProgress } from '../job-progress.js';
 import { parse, type Command } from '../command.js';
 import { CliError, usageError } from '../errors.js';
 import { withClient } from '../sql.js';
-
-/** How often the progress bar reads keyring.rotation_progress (ms). */
-const POLL_MS = 250;
-/** After this long in state queued, say that no sidecar has taken the job (ms). */
-const QUEUED_NOTICE_MS = 10_000;
-
-interface ProgressRow {
-  readonly job: string;
-  readonly state: 'queued' | 'running' | 'done' | 'failed';
-  readonly target_version: number;
-  readonly done: string;
-  readonly total: string;
-  readonly failed: string;
-  readonly rows_per_second: string | null;
-  readonly eta_seconds: number | null;
-  readonly seconds: number | null;
-  readonly error: string | null;
-}
-
-async function progress(c: pg.Client, job: string): Promise<ProgressRow> {
-  const { rows } = await c.query<ProgressRow>(
-    `SELECT job, state, target_version, done, total, failed, rows_per_second,
-            extract(epoch FROM eta)::float8 AS eta_seconds,
-            extract(epoch FROM coalesce(finished_at, now()) - started_at)::float8 AS seconds, error
-       FROM keyring.rotation_progress WHERE job = $1`, [job]);
-  if (!rows[0]) throw new CliError('NO_JOB', `job ${job} vanished from keyring.jobs`);
-  return rows[0];
-}
-
-const fmt = (n: number): string => n.toLocaleString('en-US');
 
 export const rotateCommand: Command = {
   name: 'rotate',
@@ -60,29 +29,15 @@ on their old version and are listed by the query printed) or the job failed.`,
     return withClient(env, 'keyring rotate', async (c) => {
       const { rows } = await c.query<{ job: string }>(`SELECT keyring.rotate('encrypt', batch_size => $1) AS job`, [batchSize]);
       const job = rows[0]!.job;
-      let p = await progress(c, job);
-      const total = Number(p.total);
+      const [first] = await jobProgress(c, [job]);
       const where = `SELECT * FROM keyring.rotation_progress WHERE job = ${job}`;
       if (values.detach) {
-        out.line(`rewrap job ${job} (${p.state}): ${fmt(total)} data key(s) to rewrap under encrypt key version ${p.target_version}; follow it with ${where}`);
+        out.line(`rewrap job ${job} (${first!.state}): ${fmt(Number(first!.total))} data key(s) to rewrap under encrypt key version ${first!.target_version}; follow it with ${where}`);
         return 0;
       }
-      const bar = new ProgressBar(`rewrap job ${job}`, total, 'keys');
-      const since = Date.now();
-      let noticed = false;
-      while (p.state === 'queued' || p.state === 'running') {
-        const known = p.rows_per_second === null ? undefined : { rate: Number(p.rows_per_second), etaSeconds: p.eta_seconds ?? 0 };
-        bar.update(Number(p.done) + Number(p.failed), false, known);
-        if (p.state === 'queued' && !noticed && Date.now() - since > QUEUED_NOTICE_MS) {
-          noticed = true;
-          out.error(`no sidecar has taken job ${job} yet: one holding encrypt key version ${p.target_version} must be running (SELECT * FROM keyring.sidecars)`);
-        }
-        await new Promise((r) => setTimeout(r, POLL_MS));
-        p = await progress(c, job);
-      }
+      const [p] = (await followJobs(c, [job], `rewrap job ${job}`, 'keys', out)) as [Awaited<ReturnType<typeof jobProgress>>[number]];
       const done = Number(p.done);
       const failed = Number(p.failed);
-      bar.finish(done + failed, { rate: Number(p.rows_per_second ?? 0), etaSeconds: 0 });
       if (p.state === 'failed') throw new CliError('JOB_FAILED', `rewrap job ${job} failed: ${p.error ?? 'no reason recorded'} (${where})`);
       out.line(`rewrapped ${fmt(done)} data key(s) under encrypt key version ${p.target_version} in ${(p.seconds ?? 0).toFixed(1)} s`);
       if (failed > 0) {

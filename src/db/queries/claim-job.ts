@@ -12,6 +12,9 @@ export interface JobRow {
   readonly total: string | null;
   readonly batch_size: number;
   readonly started_at: Date | null;
+  /** The protected column of a re-encryption job (NULL for other kinds). */
+  readonly column_id: number | null;
+  readonly key_floor: string | null;
   /** Registry state of the job's target version now (NULL when the job has none). */
   readonly target_state: string | null;
 }
@@ -32,7 +35,7 @@ export async function openJobExists(client: pg.ClientBase | pg.Pool, kinds: read
 export async function claimJob(client: pg.ClientBase, kinds: readonly string[], skip: readonly string[] = []): Promise<JobRow | undefined> {
   const { rows } = await client.query<JobRow>(
     `SELECT j.id, j.kind, j.purpose::text AS purpose, j.target_version, j.state, j.cursor, j.done, j.failed, j.total,
-            j.batch_size, j.started_at, r.state::text AS target_state
+            j.batch_size, j.started_at, j.column_id, j.key_floor, r.state::text AS target_state
        FROM keyring.jobs j
        LEFT JOIN keyring.root_keys r ON r.purpose = j.purpose AND r.version = j.target_version
       WHERE j.state IN ('queued', 'running') AND j.kind = ANY($1::text[]) AND NOT (j.id = ANY($2::bigint[]))

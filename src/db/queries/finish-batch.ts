@@ -20,6 +20,10 @@ export async function deletePending(client: pg.ClientBase, ctids: readonly strin
  */
 export async function addEncryptions(client: pg.ClientBase, counts: ReadonlyMap<bigint, number>, max: bigint): Promise<void> {
   if (counts.size === 0) return;
+  // Lock the key rows in id order first: batches of two lanes or two sidecars that share
+  // several keys would otherwise lock them in plan order and could deadlock.
+  await client.query('SELECT 1 FROM keyring.data_keys WHERE id = ANY($1::bigint[]) ORDER BY id FOR UPDATE',
+    [[...counts.keys()].map(String)]);
   const { rowCount } = await client.query(
     `UPDATE keyring.data_keys d SET encryptions = d.encryptions + u.n
        FROM unnest($1::bigint[], $2::bigint[]) AS u(id, n) WHERE d.id = u.id AND d.encryptions + u.n <= $3::bigint`,

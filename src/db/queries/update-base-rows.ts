@@ -14,12 +14,17 @@ export interface BaseTable {
   readonly pkTypes: readonly string[];
   /** Protected columns written by this batch, in a fixed order (the SQL is cached per shape). */
   readonly columns: readonly BaseColumn[];
+  /**
+   * Compare-and-swap (re-encryption): a column is written only where it still holds the
+   * value's `expected` bytes, so an application write that raced the batch wins.
+   */
+  readonly compareAndSwap?: boolean;
 }
 
 /** One base row: per column (same order as BaseTable.columns) the new envelope and term, or undefined to leave it. */
 export interface BaseRowUpdate {
   readonly rowKey: string;
-  readonly values: readonly ({ readonly ciphertext: Buffer; readonly term: Buffer | null } | undefined)[];
+  readonly values: readonly ({ readonly ciphertext: Buffer; readonly term: Buffer | null; readonly expected?: Buffer } | undefined)[];
 }
 
 // format_type() output: names, schema qualification, quoting, modifiers, arrays.
@@ -32,7 +37,7 @@ const sqlCache = new Map<string, string>();
  * path). A column a row has no value for keeps its current bytes (`CASE WHEN set`).
  */
 export function baseUpdateSql(t: BaseTable): string {
-  const shape = JSON.stringify([t.schema, t.table, t.pkColumns, t.pkTypes, t.columns]);
+  const shape = JSON.stringify([t.schema, t.table, t.pkColumns, t.pkTypes, t.columns, t.compareAndSwap === true]);
   const hit = sqlCache.get(shape);
   if (hit) return hit;
   const id = (s: string): string => `"${s.replace(/"/g, '""')}"`; // pg's escapeIdentifier
@@ -42,6 +47,7 @@ export function baseUpdateSql(t: BaseTable): string {
   const sets: string[] = [];
   const args: string[] = ['$1::text[]'];
   const names: string[] = ['row_key'];
+  const cas: string[] = [];
   t.columns.forEach((c, i) => {
     const p = args.length;
     args.push(`$${p + 1}::bool[]`, `$${p + 2}::bytea[]`);
@@ -52,13 +58,18 @@ export function baseUpdateSql(t: BaseTable): string {
       names.push(`b${i}`);
       sets.push(`${id(c.bidxColumn)} = CASE WHEN u.s${i} THEN u.b${i} ELSE t.${id(c.bidxColumn)} END`);
     }
+    if (t.compareAndSwap) {
+      args.push(`$${args.length + 1}::bytea[]`);
+      names.push(`e${i}`);
+      cas.push(` AND (NOT u.s${i} OR t.${id(c.column)} = u.e${i})`);
+    }
   });
   const where = t.pkColumns.length === 1
     ? `t.${id(t.pkColumns[0]!)} = u.row_key::${t.pkTypes[0]}`
     : t.pkColumns.map((c, i) => `t.${id(c)} = (u.row_key::jsonb->>${i})::${t.pkTypes[i]}`).join(' AND ');
   const sql = `UPDATE ${id(t.schema)}.${id(t.table)} AS t SET ${sets.join(', ')}
     FROM unnest(${args.join(', ')}) AS u(${names.join(', ')})
-   WHERE ${where}`;
+   WHERE ${where}${cas.join('')}`;
   sqlCache.set(shape, sql);
   return sql;
 }
@@ -70,6 +81,7 @@ export function baseUpdateParams(t: BaseTable, rows: readonly BaseRowUpdate[]): 
     params.push(rows.map((r) => r.values[i] !== undefined));
     params.push(rows.map((r) => r.values[i]?.ciphertext ?? null));
     if (c.bidxColumn !== null) params.push(rows.map((r) => r.values[i]?.term ?? null));
+    if (t.compareAndSwap) params.push(rows.map((r) => r.values[i]?.expected ?? null));
   });
   return params;
 }
@@ -83,7 +95,7 @@ export const LARGE_ENVELOPE_BYTES = 65_536;
  * multi-MiB envelope that is two more copies of twice its size in memory.
  */
 function singleRowSql(t: BaseTable): string {
-  const n = 1 + t.columns.reduce((acc, c) => acc + (c.bidxColumn === null ? 2 : 3), 0);
+  const n = 1 + t.columns.reduce((acc, c) => acc + (c.bidxColumn === null ? 2 : 3) + (t.compareAndSwap ? 1 : 0), 0);
   let sql = baseUpdateSql(t)
     .replace(/unnest\((.*)\) AS u\((.*)\)/s, (_m, args: string, names: string) => {
       const a = args.split(', ').map((x) => x.replace('[]', ''));

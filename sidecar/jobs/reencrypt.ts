@@ -1,0 +1,263 @@
+/**
+ * Re-encryption (DESIGN.md "Key hierarchy"): every value of a column decrypted and sealed
+ * again under a new data key of the active encrypt root version. The blind index is left
+ * as it is (the value, and so its term, did not change).
+ *
+ * runBatch holds the job row only to carve the next primary-key range (keyset
+ * pagination) and advance the cursor; work() then does one range in its own
+ * transaction, the range row locked (SKIP LOCKED: sidecars share a job, never a range),
+ * and records its counts and closes the range in that same transaction, so a kill -9
+ * rolls back the range in hand only and finished rows are never rewritten.
+ *
+ * Per row, an application write always wins: a row with a queued write is left to the
+ * write path (its queue entry is locked first, the write path's lock order), and the
+ * UPDATE writes only where the column still holds the bytes read (compare-and-swap).
+ * Rows already under a data key of the new generation are skipped (idempotent); a
+ * shredded data key's value stays as it is (erased); a value that does not decrypt, or
+ * decrypts to another envelope (case C02: one layer only), is quarantined and reported;
+ * a value whose root version no live sidecar holds is left untouched and counted as
+ * unavailable (KEY_UNAVAILABLE is retried while another live sidecar holds it).
+ */
+import type pg from 'pg';
+import {
+  DecryptError, looksLikeEnvelope, openValue, readDataKeyId, sealValue, type IvPool,
+} from '../../src/crypto/index.js';
+import type { Db } from '../../src/db/pool.js';
+import { auditAppend } from '../../src/db/queries/audit-append.js';
+import type { JobRow } from '../../src/db/queries/claim-job.js';
+import { addEncryptions } from '../../src/db/queries/finish-batch.js';
+import {
+  carveChunk, claimChunk, countClaim, finishChunk, heldByLiveSidecar, lockQueued, quarantineValues, selectChunkRows,
+  selectKeyMeta, type ChunkCounts,
+} from '../../src/db/queries/reencrypt-chunks.js';
+import { selectColumns, type ColumnRow } from '../../src/db/queries/select-columns.js';
+import { updateBaseRows, type BaseTable } from '../../src/db/queries/update-base-rows.js';
+import { scopeOf, type DataKeyCache, type KeyDemand } from '../../src/keys/data-keys.js';
+import { DataKeyShreddedError, KeyUnavailableError } from '../../src/keys/errors.js';
+import type { RootKeyStore } from '../../src/keys/root-keys.js';
+import { auditDecryption, type AuditedValue, type DecryptFailureClass } from '../../src/lib/decrypt-audit.js';
+import type { Logger } from '../../src/log.js';
+import type { SidecarMetrics } from '../metrics.js';
+import { JobFailure, type JobHandler } from './runner.js';
+
+export interface ReencryptContext {
+  readonly db: Db;
+  readonly dataKeys: DataKeyCache;
+  readonly rootKeys: () => RootKeyStore;
+  readonly ivPool: IvPool;
+  readonly instanceId: string;
+  readonly logger: Logger;
+  readonly metrics: SidecarMetrics;
+  /** Test-only pause inside each range transaction (crash tests); 0 in production. */
+  readonly testDelayMs: number;
+}
+
+type Col = ColumnRow & { readonly subject_column: string | null };
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+const MAX_DATA_KEY_ID = (1n << 63n) - 1n;
+
+function safeKeyId(b: Buffer): bigint | null {
+  try {
+    const id = readDataKeyId(b);
+    return id <= MAX_DATA_KEY_ID ? id : null;
+  } catch {
+    return null;
+  }
+}
+
+async function loadColumn(client: pg.ClientBase, columnId: number): Promise<Col> {
+  const [c] = await selectColumns(client, [columnId]);
+  if (!c) throw new JobFailure(`column ${columnId} is no longer protected`);
+  const { rows } = await client.query<{ subject_column: string | null }>('SELECT subject_column FROM keyring.columns WHERE id = $1', [columnId]);
+  return { ...c, subject_column: rows[0]?.subject_column ?? null };
+}
+
+export function reencryptHandler(ctx: ReencryptContext): JobHandler {
+  return {
+    kind: 'reencrypt',
+    failedAction: 'reencrypt.failed',
+
+    canRun(job: JobRow): boolean {
+      return job.target_version !== null && ctx.rootKeys().get('encrypt', job.target_version) !== undefined;
+    },
+
+    async runBatch(client: pg.ClientBase, job: JobRow): Promise<boolean> {
+      if (job.column_id === null || job.target_version === null) throw new JobFailure('a reencrypt job needs a column and a target version');
+      if (job.target_state !== 'active') {
+        throw new JobFailure(`superseded: encrypt key version ${job.target_version} is ${job.target_state ?? 'not registered'}, ` +
+          "no longer active; run SELECT keyring.reencrypt() again");
+      }
+      const col = await loadColumn(client, job.column_id);
+      const chunk = await carveChunk(client, job.id, col, job.batch_size, ctx.instanceId);
+      if (!chunk) await countClaim(client, job.id);
+      return false;
+    },
+
+    async work(job: JobRow): Promise<boolean> {
+      return ctx.db.with(async (client) => {
+        await client.query('BEGIN');
+        try {
+          const did = await runChunk(ctx, client, job);
+          await client.query('COMMIT');
+          return did;
+        } catch (err) {
+          await client.query('ROLLBACK').catch(() => undefined);
+          throw err;
+        } finally {
+          ctx.dataKeys.trim();
+        }
+      });
+    },
+  };
+}
+
+interface Failure extends AuditedValue {
+  readonly problem: DecryptFailureClass;
+}
+
+/** One range in the caller's transaction; false when no range was open for this sidecar. */
+async function runChunk(ctx: ReencryptContext, client: pg.ClientBase, job: JobRow): Promise<boolean> {
+  const chunk = await claimChunk(client, job.id);
+  if (!chunk) return false;
+  if (chunk.not_before) {
+    const wait = chunk.not_before.getTime() - Date.now();
+    if (wait > 0) await sleep(wait); // rate limit (rows per second, across sidecars)
+  }
+  const target = job.target_version!;
+  const floor = BigInt(job.key_floor ?? '0');
+  const col = await loadColumn(client, job.column_id!);
+  const rows = await selectChunkRows(client, col, chunk);
+  const meta = await selectKeyMeta(client, [...new Set(rows.map((r) => safeKeyId(r.ct)).filter((x): x is bigint => x !== null))]);
+  const keys = ctx.rootKeys();
+  const n = { done: 0, skipped: 0, quarantined: 0, erased: 0, unavailable: 0 };
+  const failures: Failure[] = [];
+  const candidates: { row_key: string; ct: Buffer; subject: string | null; keyId: bigint; rootVersion: number }[] = [];
+  const missingRoots = new Set<number>();
+  for (const r of rows) {
+    // A queued write's placeholder: the write path seals the new value under a new key.
+    if (r.ct.length === 1 && r.ct[0] === 0) { n.skipped++; continue; }
+    const keyId = safeKeyId(r.ct);
+    const m = keyId === null ? undefined : meta.get(keyId);
+    if (keyId === null || !m) {
+      failures.push({ rowKey: r.row_key, value: null, problem: keyId === null ? (r.ct.length < 37 ? 'length' : 'format') : 'key_unavailable', ...(keyId === null ? {} : { dataKeyId: keyId }) });
+      continue;
+    }
+    if (m.state === 'shredded') { n.erased++; continue; }
+    if (keyId > floor && m.root_version === target) { n.skipped++; continue; }
+    if (!keys.get('encrypt', m.root_version)) {
+      if (!missingRoots.has(m.root_version) && (await heldByLiveSidecar(client, m.root_version))) {
+        throw new KeyUnavailableError(`encrypt key version ${m.root_version} is not held here; leaving the range to a sidecar that holds it`);
+      }
+      missingRoots.add(m.root_version);
+      n.unavailable++;
+      continue;
+    }
+    candidates.push({ ...r, keyId, rootVersion: m.root_version });
+  }
+  if (missingRoots.size > 0) {
+    ctx.logger.warn({ job: job.id, columnId: col.id, versions: [...missingRoots], rows: n.unavailable },
+      'values under an encrypt root version no live sidecar holds were left untouched (not quarantined)');
+  }
+  const queued = await lockQueued(client, col.id, candidates.map((c) => c.row_key));
+  const todo = candidates.filter((c) => !queued.has(c.row_key));
+  n.skipped += candidates.length - todo.length;
+
+  // Old data keys: disabled roots allowed (a re-encryption is what moves values off them).
+  const dks = new Map<bigint, Awaited<ReturnType<DataKeyCache['byIds']>> extends Map<bigint, infer V> ? V : never>();
+  const keyProblems = new Map<bigint, 'erased' | 'data_key_unwrap'>();
+  for (const keyId of new Set(todo.map((t) => t.keyId))) {
+    try {
+      for (const [k, v] of await ctx.dataKeys.byIds(client, [keyId], { allowDisabledRoot: true })) dks.set(k, v);
+    } catch (err) {
+      if (err instanceof DataKeyShreddedError) keyProblems.set(keyId, 'erased');
+      else if (err instanceof KeyUnavailableError) keyProblems.set(keyId, 'data_key_unwrap'); // root held: the key row was altered
+      else throw err;
+    }
+  }
+  const opened: { row_key: string; subject: string | null; plain: Buffer; ct: Buffer; rootVersion: number }[] = [];
+  const nestedSuspects = new Map<number, bigint>();
+  for (const t of todo) {
+    const kp = keyProblems.get(t.keyId);
+    if (kp === 'erased') { n.erased++; continue; }
+    const known = { dataKeyId: t.keyId, rootVersion: t.rootVersion };
+    if (kp) { failures.push({ rowKey: t.row_key, value: null, problem: kp, ...known }); continue; }
+    try {
+      const plain = openValue(dks.get(t.keyId)!.key, col.id, t.row_key, t.ct);
+      if (looksLikeEnvelope(plain)) {
+        const inner = safeKeyId(plain);
+        if (inner !== null) nestedSuspects.set(opened.length, inner);
+      }
+      opened.push({ row_key: t.row_key, subject: t.subject, plain, ct: t.ct, rootVersion: t.rootVersion });
+    } catch (err) {
+      if (!(err instanceof DecryptError)) throw err;
+      failures.push({ rowKey: t.row_key, value: null, problem: err.reason ?? 'auth', ...known });
+    }
+  }
+  // Case C02 invariant: a plaintext that is itself an envelope naming an existing data key
+  // is ciphertext encrypted twice; it is reported, never sealed once more.
+  if (nestedSuspects.size > 0) {
+    const existing = await selectKeyMeta(client, [...new Set(nestedSuspects.values())]);
+    for (const [i, inner] of nestedSuspects) {
+      if (!existing.has(inner)) continue;
+      const o = opened[i]!;
+      failures.push({ rowKey: o.row_key, value: null, problem: 'nested', dataKeyId: safeKeyId(o.ct)!, rootVersion: o.rootVersion });
+      o.plain.fill(0);
+      opened[i] = { ...o, plain: Buffer.alloc(0), row_key: '' }; // dropped below
+    }
+  }
+  const sealable = opened.filter((o) => o.row_key !== '');
+
+  let written = 0;
+  const perKey = new Map<bigint, number>();
+  if (sealable.length > 0) {
+    const demands = new Map<string, KeyDemand>();
+    for (const o of sealable) {
+      const scope = scopeOf(col.id, o.subject);
+      demands.set(scope, { columnId: col.id, subject: o.subject, count: (demands.get(scope)?.count ?? 0) + 1 });
+    }
+    const fresh = await ctx.dataKeys.activeKeys(client, [...demands.values()]);
+    const table: BaseTable = {
+      schema: col.table_schema, table: col.table_name, pkColumns: col.pk_columns, pkTypes: col.pk_types,
+      // No blind-index column: the value did not change, so its term stays byte-identical.
+      columns: [{ column: col.column_name, bidxColumn: null }],
+      compareAndSwap: true,
+    };
+    const updates = sealable.map((o) => {
+      const dk = fresh.get(scopeOf(col.id, o.subject))!;
+      if (dk.rootVersion !== target) throw new KeyUnavailableError(`encrypt key version ${target} stopped being active during a re-encryption range; retrying`);
+      perKey.set(dk.id, (perKey.get(dk.id) ?? 0) + 1);
+      const ciphertext = sealValue(dk.key, dk.id, col.id, o.row_key, o.plain, ctx.ivPool);
+      o.plain.fill(0);
+      return { rowKey: o.row_key, values: [{ ciphertext, term: null, expected: o.ct }] };
+    });
+    written = await updateBaseRows(client, table, updates);
+    await addEncryptions(client, perKey, ctx.dataKeys.maxEncryptions);
+  }
+  n.done += written;
+  n.skipped += sealable.length - written; // an application write won the race
+  n.quarantined += failures.length;
+  await quarantineValues(client, col.id, failures.map((f) => ({ rowKey: f.rowKey, detail: `re-encryption job ${job.id}: ${f.problem}` })));
+  if (ctx.testDelayMs > 0) await sleep(ctx.testDelayMs);
+  const totals = await finishChunk(client, job.id, chunk.id, n as ChunkCounts, ctx.instanceId);
+  // Audit last: audit_append holds the chain's lock until commit.
+  if (failures.length > 0) {
+    await auditDecryption(client, ctx.instanceId, col.id, failures, { via: 'reencrypt', job: Number(job.id) });
+    ctx.metrics.quarantined.inc(failures.length);
+    for (const f of failures) {
+      ctx.logger.error({ job: job.id, columnId: col.id, rowKey: f.rowKey, reason: f.problem }, 'value did not decrypt during re-encryption; quarantined and left as it is');
+    }
+  }
+  for (const [, c] of perKey) ctx.metrics.encryptions.inc({ root_version: String(target) }, c);
+  if (totals.finished) {
+    await auditAppend(client, {
+      action: 'reencrypt.finished', actor: ctx.instanceId, keyPurpose: 'encrypt', keyVersion: target, columnId: col.id,
+      detail: {
+        job: Number(job.id), done: totals.done, skipped: totals.skipped, quarantined: totals.quarantined,
+        erased: totals.erased, unavailable: totals.unavailable, seconds: totals.seconds,
+      },
+    });
+    ctx.logger.info({ job: job.id, columnId: col.id, ...totals }, 're-encryption finished');
+  }
+  return true;
+}
