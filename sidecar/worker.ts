@@ -9,7 +9,7 @@ import { EventEmitter } from 'node:events';
 import { describeError, isRetryable } from '../src/db/errors.js';
 import type { Logger } from '../src/log.js';
 import type { BatchResult } from './claim.js';
-import { backoffDelay } from './listener.js';
+import { retryDelay, Wake } from './wake.js';
 import type { SidecarMetrics } from './metrics.js';
 
 export interface Progress {
@@ -36,7 +36,7 @@ export class Worker extends EventEmitter<{ progress: [Progress]; drained: [done:
   #chain: Promise<unknown> = Promise.resolve();
   #stopping = false;
   #hinted = false;
-  #wait: { resolve: () => void; hints: boolean } | undefined;
+  readonly #wake = new Wake();
   #loop: Promise<void> | undefined;
   #errorStreak = 0;
 
@@ -55,14 +55,14 @@ export class Worker extends EventEmitter<{ progress: [Progress]; drained: [done:
   /** A notification arrived: end an idle wait now, or drain again after the current pass. */
   hint(): void {
     this.#hinted = true;
-    if (this.#wait?.hints) this.#wait.resolve();
+    this.#wake.hint();
   }
 
   /** Something changed that may unblock work (listener reconnected, keys reloaded): catch up now. */
   kick(): void {
     this.#hinted = true;
     this.#errorStreak = 0;
-    this.#wait?.resolve();
+    this.#wake.now();
   }
 
   start(): void {
@@ -72,7 +72,7 @@ export class Worker extends EventEmitter<{ progress: [Progress]; drained: [done:
   /** Stops claiming; resolves when the batch in hand has finished or failed. */
   async stop(): Promise<void> {
     this.#stopping = true;
-    this.#wait?.resolve();
+    this.#wake.now();
     await this.#loop;
     await this.#chain;
   }
@@ -91,9 +91,9 @@ export class Worker extends EventEmitter<{ progress: [Progress]; drained: [done:
       }
       if (this.#stopping) break;
       if (failed) {
-        await this.#sleep(backoffDelay(this.#errorStreak, Math.min(100, this.#o.pollIntervalMs), Math.max(this.#o.pollIntervalMs, 5_000)), false);
+        await this.#wake.sleep(retryDelay(this.#errorStreak, this.#o.pollIntervalMs), false);
       } else if (!this.#hinted) {
-        await this.#sleep(this.#o.pollIntervalMs, true);
+        await this.#wake.sleep(this.#o.pollIntervalMs, true);
       }
     }
   }
@@ -142,20 +142,5 @@ export class Worker extends EventEmitter<{ progress: [Progress]; drained: [done:
         cursor = r.lastId;
       }
     }
-  }
-
-  #sleep(ms: number, hints: boolean): Promise<void> {
-    return new Promise((resolve) => {
-      const wait = {
-        hints,
-        resolve: (): void => {
-          clearTimeout(timer);
-          if (this.#wait === wait) this.#wait = undefined;
-          resolve();
-        },
-      };
-      const timer = setTimeout(wait.resolve, ms);
-      this.#wait = wait;
-    });
   }
 }

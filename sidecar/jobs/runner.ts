@@ -13,7 +13,7 @@ import { auditAppend } from '../../src/db/queries/audit-append.js';
 import { claimJob, openJobExists, type JobRow } from '../../src/db/queries/claim-job.js';
 import { failJob } from '../../src/db/queries/update-job.js';
 import type { Logger } from '../../src/log.js';
-import { backoffDelay } from '../listener.js';
+import { retryDelay, Wake } from '../wake.js';
 import type { SidecarMetrics } from '../metrics.js';
 import type pg from 'pg';
 
@@ -64,7 +64,7 @@ export class JobRunner {
   readonly #busy = new Set<string>();
   #stopping = false;
   #hinted = false;
-  #wait: { resolve: () => void; hints: boolean } | undefined;
+  readonly #wake = new Wake();
   #loop: Promise<void> | undefined;
   #errorStreak = 0;
 
@@ -76,7 +76,7 @@ export class JobRunner {
   /** A `job` notification: end an idle wait now. */
   hint(): void {
     this.#hinted = true;
-    if (this.#wait?.hints) this.#wait.resolve();
+    this.#wake.hint();
   }
 
   /** Keys reloaded or the link came back: look again at once, including skipped jobs. */
@@ -84,7 +84,7 @@ export class JobRunner {
     this.#skip.clear();
     this.#hinted = true;
     this.#errorStreak = 0;
-    this.#wait?.resolve();
+    this.#wake.now();
   }
 
   start(): void {
@@ -94,7 +94,7 @@ export class JobRunner {
   /** Stops after the batch in hand has committed or failed. */
   async stop(): Promise<void> {
     this.#stopping = true;
-    this.#wait?.resolve();
+    this.#wake.now();
     await this.#loop;
   }
 
@@ -114,9 +114,9 @@ export class JobRunner {
       }
       if (this.#stopping) break;
       if (failed) {
-        await this.#sleep(backoffDelay(this.#errorStreak, Math.min(100, this.#o.pollIntervalMs), Math.max(this.#o.pollIntervalMs, 5_000)), false);
+        await this.#wake.sleep(retryDelay(this.#errorStreak, this.#o.pollIntervalMs), false);
       } else if (!this.#hinted) {
-        await this.#sleep(this.#o.pollIntervalMs, true);
+        await this.#wake.sleep(this.#o.pollIntervalMs, true);
       }
     }
   }
@@ -182,21 +182,6 @@ export class JobRunner {
         await client.query('ROLLBACK').catch(() => undefined);
         throw err;
       }
-    });
-  }
-
-  #sleep(ms: number, hints: boolean): Promise<void> {
-    return new Promise((resolve) => {
-      const wait = {
-        hints,
-        resolve: (): void => {
-          clearTimeout(timer);
-          if (this.#wait === wait) this.#wait = undefined;
-          resolve();
-        },
-      };
-      const timer = setTimeout(wait.resolve, ms);
-      this.#wait = wait;
     });
   }
 }
