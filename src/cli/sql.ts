@@ -2,6 +2,10 @@
 import pg from 'pg';
 import { databaseUrl } from './command.js';
 import { CliError } from './errors.js';
+import { KeyringError } from '../crypto/index.js';
+import { loadConfig } from '../config.js';
+import { disposeMaterial } from '../keys/index.js';
+import { Keyring } from '../lib/keyring.js';
 
 /** Runs `fn` on a client connected to DATABASE_URL (application_name names the command in pg_stat_activity). */
 export async function withClient<T>(env: NodeJS.ProcessEnv, applicationName: string, fn: (c: pg.Client) => Promise<T>): Promise<T> {
@@ -44,4 +48,26 @@ export function asCliError(err: unknown): unknown {
   if (!(err instanceof pg.DatabaseError) || err.code === undefined) return err;
   const message = err.message.replace(/^keyring: /, '');
   return new CliError(`SQLSTATE_${err.code}`, `${message} (SQLSTATE ${err.code})${err.hint ? `. Hint: ${err.hint}` : ''}`);
+}
+
+/**
+ * Runs `fn` with a library Keyring opened from the environment's keys (the commands that
+ * decrypt: reveal, verify). Key material is zeroed afterwards; a library refusal becomes a
+ * one-line CLI error with its stable code.
+ */
+export async function withKeyring<T>(env: NodeJS.ProcessEnv, fn: (kr: Keyring) => Promise<T>): Promise<T> {
+  const config = loadConfig(env);
+  try {
+    const kr = await Keyring.open({ databaseUrl: config.databaseUrl, keys: config.keys });
+    try {
+      return await fn(kr);
+    } finally {
+      await kr.close();
+    }
+  } catch (err) {
+    if (err instanceof KeyringError) throw new CliError(err.code, err.message.replace(/^keyring: /, ''));
+    throw err;
+  } finally {
+    disposeMaterial(config.keys);
+  }
 }

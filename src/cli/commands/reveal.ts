@@ -1,9 +1,6 @@
-import { KeyringError } from '../../crypto/index.js';
-import { loadConfig } from '../../config.js';
-import { disposeMaterial } from '../../keys/index.js';
-import { Keyring } from '../../lib/keyring.js';
 import { parse, type Command } from '../command.js';
-import { CliError, usageError } from '../errors.js';
+import { usageError } from '../errors.js';
+import { withKeyring } from '../sql.js';
 
 export const revealCommand: Command = {
   name: 'reveal',
@@ -30,24 +27,15 @@ subject was shredded) or not decryptable.`,
     if (positionals.length !== 1) throw usageError('expected exactly one <schema.table.column>');
     if (values.row === undefined) throw usageError('--row KEY is required');
     if (values.purpose === undefined || values.purpose.trim() === '') throw usageError('--purpose "WHY" is required (it goes into the audit log)');
-    const config = loadConfig(env);
-    try {
-      const kr = await Keyring.open({ databaseUrl: config.databaseUrl, keys: config.keys });
-      try {
-        const value = await kr.reveal({
-          column: positionals[0]!, rowKey: values.row, purpose: values.purpose, ...(values.actor ? { actor: values.actor } : {}),
-        });
-        if (value === null) out.error('(the value is NULL)');
-        else out.line(Buffer.isBuffer(value) ? `\\x${value.toString('hex')}` : value);
-        return 0;
-      } finally {
-        await kr.close();
-      }
-    } catch (err) {
-      if (err instanceof KeyringError) throw new CliError(err.code, err.message.replace(/^keyring: /, ''));
-      throw err;
-    } finally {
-      disposeMaterial(config.keys);
-    }
+    const row = values.row;
+    const purpose = values.purpose;
+    return withKeyring(env, async (kr) => {
+      const value = await kr.reveal({
+        column: positionals[0]!, rowKey: row, purpose, ...(values.actor ? { actor: values.actor } : {}),
+      });
+      if (value === null) out.error('(the value is NULL)');
+      else out.line(Buffer.isBuffer(value) ? `\\x${value.toString('hex')}` : value);
+      return 0;
+    });
   },
 };

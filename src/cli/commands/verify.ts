@@ -1,12 +1,8 @@
 import type pg from 'pg';
-import { KeyringError } from '../../crypto/index.js';
-import { loadConfig } from '../../config.js';
-import { disposeMaterial } from '../../keys/index.js';
-import { Keyring } from '../../lib/keyring.js';
 import { parse, type Command } from '../command.js';
 import { CliError, usageError } from '../errors.js';
 import { formatTable } from '../output.js';
-import { withClient } from '../sql.js';
+import { withClient, withKeyring } from '../sql.js';
 
 interface ColumnRef {
   readonly ref: string;
@@ -64,53 +60,42 @@ from DATABASE_URL. Prints a summary table; exit 1 on any problem.`,
     if (positionals.length > 0) throw usageError('unexpected argument; use --column schema.table.column');
     const sample = values.sample === undefined ? undefined : Number(values.sample);
     if (sample !== undefined && (!Number.isInteger(sample) || sample < 1)) throw usageError('--sample must be a positive whole number');
-    const config = loadConfig(env);
-    try {
-      const kr = await Keyring.open({ databaseUrl: config.databaseUrl, keys: config.keys });
-      try {
-        return await withClient(env, 'keyring verify', async (c) => {
-          const table: Record<string, unknown>[] = [];
-          let problems = 0;
-          for (const col of await columns(c, values.column)) {
-            let rowKeys: string[] | undefined;
-            if (sample !== undefined) {
-              const { rows } = await c.query<{ k: string }>(
-                `SELECT ${col.pk} AS k FROM ONLY ${q(col.schema)}.${q(col.table)} t WHERE t.${q(col.column)} IS NOT NULL ORDER BY random() LIMIT $1`, [sample]);
-              rowKeys = rows.map((r) => r.k);
-            }
-            const vals = await kr.decryptColumn(col.ref, rowKeys ? { rowKeys } : {});
-            const failed = vals.filter((v) => v.problem !== undefined && v.problem !== 'pending' && v.problem !== 'erased');
-            const dead = await onDeadVersions(c, col);
-            problems += failed.length + dead.n;
-            table.push({
-              column: col.ref, checked: vals.length, ok: vals.filter((v) => v.problem === undefined).length,
-              queued: vals.filter((v) => v.problem === 'pending').length, erased: vals.filter((v) => v.problem === 'erased').length,
-              failed: failed.length, on_dead_version: dead.n, dead_versions: dead.versions,
-              first_failures: failed.slice(0, 3).map((f) => `${f.rowKey} (${f.problem})`).join(', '),
-            });
+    return withKeyring(env, async (kr) => {
+      return await withClient(env, 'keyring verify', async (c) => {
+        const table: Record<string, unknown>[] = [];
+        let problems = 0;
+        for (const col of await columns(c, values.column)) {
+          let rowKeys: string[] | undefined;
+          if (sample !== undefined) {
+            const { rows } = await c.query<{ k: string }>(
+              `SELECT ${col.pk} AS k FROM ONLY ${q(col.schema)}.${q(col.table)} t WHERE t.${q(col.column)} IS NOT NULL ORDER BY random() LIMIT $1`, [sample]);
+            rowKeys = rows.map((r) => r.k);
           }
-          out.line(formatTable(table));
-          const { rows: late } = await c.query<{ version: number; n: number }>(
-            `SELECT r.version, count(*)::int AS n FROM keyring.data_keys d
-               JOIN keyring.root_keys r ON r.purpose = 'encrypt' AND r.version = d.root_version
-              WHERE r.retired_at IS NOT NULL AND d.created_at > r.retired_at GROUP BY 1 ORDER BY 1`);
-          for (const l of late) out.line(`encrypt key version ${l.version} is retired but wraps ${l.n} data key(s) created after it was retired`);
-          problems += late.reduce((a, l) => a + l.n, 0);
-          if (problems > 0) {
-            throw new CliError('VERIFY_FAILED', `${problems} problem(s): values that do not decrypt, depend on a retired, destroyed or disabled version, ` +
-              'or data keys made under a retired version (see the table above)');
-          }
-          out.line('verify: every checked value decrypts and depends only on live key versions');
-          return 0;
-        });
-      } finally {
-        await kr.close();
-      }
-    } catch (err) {
-      if (err instanceof KeyringError) throw new CliError(err.code, err.message.replace(/^keyring: /, ''));
-      throw err;
-    } finally {
-      disposeMaterial(config.keys);
-    }
+          const vals = await kr.decryptColumn(col.ref, rowKeys ? { rowKeys } : {});
+          const failed = vals.filter((v) => v.problem !== undefined && v.problem !== 'pending' && v.problem !== 'erased');
+          const dead = await onDeadVersions(c, col);
+          problems += failed.length + dead.n;
+          table.push({
+            column: col.ref, checked: vals.length, ok: vals.filter((v) => v.problem === undefined).length,
+            queued: vals.filter((v) => v.problem === 'pending').length, erased: vals.filter((v) => v.problem === 'erased').length,
+            failed: failed.length, on_dead_version: dead.n, dead_versions: dead.versions,
+            first_failures: failed.slice(0, 3).map((f) => `${f.rowKey} (${f.problem})`).join(', '),
+          });
+        }
+        out.line(formatTable(table));
+        const { rows: late } = await c.query<{ version: number; n: number }>(
+          `SELECT r.version, count(*)::int AS n FROM keyring.data_keys d
+             JOIN keyring.root_keys r ON r.purpose = 'encrypt' AND r.version = d.root_version
+            WHERE r.retired_at IS NOT NULL AND d.created_at > r.retired_at GROUP BY 1 ORDER BY 1`);
+        for (const l of late) out.line(`encrypt key version ${l.version} is retired but wraps ${l.n} data key(s) created after it was retired`);
+        problems += late.reduce((a, l) => a + l.n, 0);
+        if (problems > 0) {
+          throw new CliError('VERIFY_FAILED', `${problems} problem(s): values that do not decrypt, depend on a retired, destroyed or disabled version, ` +
+            'or data keys made under a retired version (see the table above)');
+        }
+        out.line('verify: every checked value decrypts and depends only on live key versions');
+        return 0;
+      });
+    });
   },
 };
