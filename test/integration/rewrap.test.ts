@@ -309,7 +309,7 @@ describe('rewrap of 100,000 data keys', () => {
     await dropRole(role);
   });
 
-  it('finishes (the time is printed; the 5 s target is measured by npm run bench)', async () => {
+  it('finishes (the time is printed, not asserted: timing claims belong in npm run bench, whose rotation section is not built yet)', async () => {
     const keys = newKeys();
     await activateKeys(db.pool, keys);
     const n = 100_000;
