@@ -14,8 +14,17 @@ function cell(v: unknown): string {
   if (v === null || v === undefined) return '';
   if (v instanceof Date) return v.toISOString();
   if (Buffer.isBuffer(v)) return `\\x${v.toString('hex')}`;
+  // node-postgres parses an interval into an object with toPostgres(): print it as psql does.
+  const pgValue = v as { toPostgres?: () => string };
+  if (typeof v === 'object' && typeof pgValue.toPostgres === 'function') return pgValue.toPostgres();
   if (typeof v === 'object') return JSON.stringify(v);
   return String(v);
+}
+
+/** JSON.stringify replacer: Postgres values (an interval) as the text psql shows. */
+export function jsonValue(_key: string, v: unknown): unknown {
+  const pgValue = v as { toPostgres?: () => string } | null;
+  return v !== null && typeof v === 'object' && typeof pgValue?.toPostgres === 'function' ? pgValue.toPostgres() : v;
 }
 
 /** Renders rows as an aligned text table, like psql's default output. */

@@ -136,13 +136,13 @@ describe('keyring CLI against a fresh database', () => {
     const first = await run(['migrate'], { DATABASE_URL: db.url });
     expect(first.code, first.stderr).toBe(0);
     expect(first.stdout).toMatch(/^applied (\d+) migration\(s\): .* \(now version (\d+)\)\n$/);
-    const applied = (await db.pool.query<{ n: number; v: number }>('SELECT count(*)::int AS n, max(id) AS v FROM keyring.migrations')).rows[0]!;
+    const applied = (await db.pool.query<{ n: number; v: number }>('SELECT count(*) FILTER (WHERE id > 0)::int AS n, max(id) AS v FROM keyring.migrations')).rows[0]!;
     expect(first.stdout).toContain(`applied ${applied.n} migration(s)`);
     expect(first.stdout).toContain(`(now version ${applied.v})`);
     const second = await run(['migrate'], { DATABASE_URL: db.url });
     expect(second.code, second.stderr).toBe(0);
     expect(second.stdout).toBe(`keyring schema is up to date (version ${applied.v})\n`);
-    expect((await db.pool.query('SELECT count(*)::int AS n FROM keyring.migrations')).rows[0].n).toBe(applied.n);
+    expect((await db.pool.query('SELECT count(*) FILTER (WHERE id > 0)::int AS n FROM keyring.migrations')).rows[0].n).toBe(applied.n);
   });
 
   it('init activates version 1 of both purposes with the given keys, and is idempotent', async () => {

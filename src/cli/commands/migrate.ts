@@ -11,9 +11,11 @@ A second run applies nothing. Needs a role that may create schemas and roles.`,
   async run(args, env, out) {
     parse(args, {});
     const result = await migrate(databaseUrl(env));
-    out.line(result.applied.length === 0
+    // postgres-migrations counts its own bookkeeping step (id 0) as a migration.
+    const applied = result.applied.filter((n) => n !== 'create-migrations-table');
+    out.line(applied.length === 0
       ? `keyring schema is up to date (version ${result.version})`
-      : `applied ${result.applied.length} migration(s): ${result.applied.join(', ')} (now version ${result.version})`);
+      : `applied ${applied.length} migration(s): ${applied.join(', ')} (now version ${result.version})`);
     return 0;
   },
 };

@@ -1,5 +1,5 @@
 import pg from 'pg';
-import { formatTable } from '../output.js';
+import { formatTable, jsonValue } from '../output.js';
 import { databaseUrl, parse, type Command } from '../command.js';
 
 export const statusCommand: Command = {
@@ -15,7 +15,7 @@ protects, the pending backlog and the age of its oldest entry, and quarantined v
     await client.connect();
     try {
       const { rows } = await client.query('SELECT * FROM keyring.status ORDER BY 1, 2, 3');
-      out.line(values.json ? JSON.stringify(rows, null, 2) : formatTable(rows));
+      out.line(values.json ? JSON.stringify(rows, jsonValue, 2) : formatTable(rows));
     } finally {
       await client.end();
     }
