@@ -104,8 +104,11 @@ export async function resolveRootKeys(
   material: RootKeyMaterial,
   opts: ResolveOptions,
 ): Promise<RootKeyStore> {
+  // A disposed key is one this process already dropped (a destroyed version; the same
+  // material object may be shared by several sidecars in one process, as in tests).
   const configured = KEY_PURPOSES.flatMap((purpose) =>
-    material[purpose].map((k) => ({ purpose, label: k.label, key: k.key, fingerprint: fingerprint(k.key, purpose) })),
+    material[purpose].filter((k) => !k.key.disposed)
+      .map((k) => ({ purpose, label: k.label, key: k.key, fingerprint: fingerprint(k.key, purpose) })),
   );
   let registry = await selectRootKeys(client);
   const known = (purpose: KeyPurpose, fp: string) => registry.find((r) => r.purpose === purpose && r.fingerprint === fp);

@@ -42,7 +42,9 @@ async function queue(from: number, to: number): Promise<void> {
 }
 
 function spawn(extra: Record<string, string>): SpawnedSidecar {
-  const child = spawnSidecar(sidecarEnv(db.url, keys, { KEYRING_BATCH_SIZE: '100', ...extra }));
+  // One batch in flight (KEYRING_CONCURRENCY=1): the scenarios count "the batch in hand";
+  // with two lanes a second batch may commit between the count and the signal.
+  const child = spawnSidecar(sidecarEnv(db.url, keys, { KEYRING_BATCH_SIZE: '100', KEYRING_CONCURRENCY: '1', ...extra }));
   children.push(child);
   return child;
 }
@@ -111,8 +113,7 @@ describe('C15 crashed worker', () => {
 
   it('SIGTERM during a batch: the batch finishes and the process exits 0 within the shutdown timeout', async () => {
     await queue(501, 700);
-    // One lane: the scenario is "the batch in hand" (with two lanes both batches finish and nothing is left for the next test).
-    const child = spawn({ KEYRING_TEST_BATCH_DELAY_MS: '1000', KEYRING_SHUTDOWN_TIMEOUT_MS: '5000', KEYRING_INSTANCE_ID: 'term-finish', KEYRING_CONCURRENCY: '1' });
+    const child = spawn({ KEYRING_TEST_BATCH_DELAY_MS: '1000', KEYRING_SHUTDOWN_TIMEOUT_MS: '5000', KEYRING_INSTANCE_ID: 'term-finish' });
     await child.waitForLog((l) => l.msg === 'sidecar ready');
     await waitFor(async () => (await lockedCount()) > 0, { timeoutMs: 10_000, what: 'a batch in hand' });
     const t0 = Date.now();
