@@ -40,3 +40,77 @@ export class Wake {
 export function retryDelay(streak: number, pollIntervalMs: number): number {
   return backoffDelay(streak, Math.min(100, pollIntervalMs), Math.max(pollIntervalMs, 5_000));
 }
+
+export interface PollLoopOptions {
+  readonly pollIntervalMs: number;
+  /** One round of work; it returns when there is nothing left to do, or throws. */
+  readonly round: () => Promise<void>;
+  /** A round failed; `streak` counts the failed rounds in a row (1 for the first). */
+  readonly onError: (err: unknown, streak: number) => void;
+  /** A round succeeded after `streak` failed ones. */
+  readonly onRecovered?: (streak: number) => void;
+}
+
+/**
+ * The sidecar's loop shape (write path and jobs): run a round; then, after a failure,
+ * back off; after success, wait for a notification or the poll interval, unless a hint
+ * came in during the round. A notification is a hint; the poll is the backstop.
+ */
+export class PollLoop {
+  readonly #o: PollLoopOptions;
+  readonly #wake = new Wake();
+  #stopping = false;
+  #hinted = false;
+  #streak = 0;
+  #loop: Promise<void> | undefined;
+
+  constructor(o: PollLoopOptions) {
+    this.#o = o;
+  }
+
+  get stopping(): boolean {
+    return this.#stopping;
+  }
+
+  /** A notification: end an idle wait now, or run again right after the current round. */
+  hint(): void {
+    this.#hinted = true;
+    this.#wake.hint();
+  }
+
+  /** Something may be unblocked (keys reloaded, link back): run again now, without back-off. */
+  kick(): void {
+    this.#hinted = true;
+    this.#streak = 0;
+    this.#wake.now();
+  }
+
+  start(): void {
+    this.#loop ??= this.#run();
+  }
+
+  /** Stops looping; resolves when the round in progress has ended. */
+  async stop(): Promise<void> {
+    this.#stopping = true;
+    this.#wake.now();
+    await this.#loop;
+  }
+
+  async #run(): Promise<void> {
+    while (!this.#stopping) {
+      this.#hinted = false;
+      let failed = false;
+      try {
+        await this.#o.round();
+        if (this.#streak > 0) this.#o.onRecovered?.(this.#streak);
+        this.#streak = 0;
+      } catch (err) {
+        failed = true;
+        this.#o.onError(err, ++this.#streak);
+      }
+      if (this.#stopping) break;
+      if (failed) await this.#wake.sleep(retryDelay(this.#streak, this.#o.pollIntervalMs), false);
+      else if (!this.#hinted) await this.#wake.sleep(this.#o.pollIntervalMs, true);
+    }
+  }
+}

@@ -9,7 +9,7 @@ import { EventEmitter } from 'node:events';
 import { describeError, isRetryable } from '../src/db/errors.js';
 import type { Logger } from '../src/log.js';
 import type { BatchResult } from './claim.js';
-import { retryDelay, Wake } from './wake.js';
+import { PollLoop } from './wake.js';
 import type { SidecarMetrics } from './metrics.js';
 
 export interface Progress {
@@ -34,15 +34,17 @@ export interface WorkerOptions {
 export class Worker extends EventEmitter<{ progress: [Progress]; drained: [done: number] }> {
   readonly #o: WorkerOptions;
   #chain: Promise<unknown> = Promise.resolve();
-  #stopping = false;
-  #hinted = false;
-  readonly #wake = new Wake();
-  #loop: Promise<void> | undefined;
-  #errorStreak = 0;
+  readonly #poll: PollLoop;
 
   constructor(o: WorkerOptions) {
     super();
     this.#o = o;
+    this.#poll = new PollLoop({
+      pollIntervalMs: o.pollIntervalMs,
+      round: async () => { await this.drain(); },
+      onError: (err, streak) => this.#onError(err, streak),
+      onRecovered: () => o.logger.info('queue processing recovered'),
+    });
   }
 
   /** Processes batches until the queue is empty (a claim returns fewer rows than the batch size). */
@@ -54,57 +56,30 @@ export class Worker extends EventEmitter<{ progress: [Progress]; drained: [done:
 
   /** A notification arrived: end an idle wait now, or drain again after the current pass. */
   hint(): void {
-    this.#hinted = true;
-    this.#wake.hint();
+    this.#poll.hint();
   }
 
   /** Something changed that may unblock work (listener reconnected, keys reloaded): catch up now. */
   kick(): void {
-    this.#hinted = true;
-    this.#errorStreak = 0;
-    this.#wake.now();
+    this.#poll.kick();
   }
 
   start(): void {
-    this.#loop ??= this.#run();
+    this.#poll.start();
   }
 
   /** Stops claiming; resolves when the batch in hand has finished or failed. */
   async stop(): Promise<void> {
-    this.#stopping = true;
-    this.#wake.now();
-    await this.#loop;
+    await this.#poll.stop();
     await this.#chain;
   }
 
-  async #run(): Promise<void> {
-    while (!this.#stopping) {
-      this.#hinted = false;
-      let failed = false;
-      try {
-        await this.drain();
-        if (this.#errorStreak > 0) this.#o.logger.info('queue processing recovered');
-        this.#errorStreak = 0;
-      } catch (err) {
-        failed = true;
-        this.#onError(err);
-      }
-      if (this.#stopping) break;
-      if (failed) {
-        await this.#wake.sleep(retryDelay(this.#errorStreak, this.#o.pollIntervalMs), false);
-      } else if (!this.#hinted) {
-        await this.#wake.sleep(this.#o.pollIntervalMs, true);
-      }
-    }
-  }
-
-  #onError(err: unknown): void {
-    this.#errorStreak++;
+  #onError(err: unknown, streak: number): void {
     const retryable = isRetryable(err);
     this.#o.metrics.errors.inc({ kind: retryable ? 'retryable' : 'unexpected' });
     // Once per failure streak at warn (a database down for minutes must not flood the log).
-    const level = this.#errorStreak === 1 || !retryable ? 'warn' : 'debug';
-    this.#o.logger[level]({ err: { message: describeError(err) }, streak: this.#errorStreak }, 'queue processing paused; will retry');
+    const level = streak === 1 || !retryable ? 'warn' : 'debug';
+    this.#o.logger[level]({ err: { message: describeError(err) }, streak }, 'queue processing paused; will retry');
   }
 
   async #drainNow(): Promise<number> {
@@ -126,7 +101,7 @@ export class Worker extends EventEmitter<{ progress: [Progress]; drained: [done:
 
   async #lane(tally: { done: number; quarantined: number; depth: number }): Promise<void> {
     let cursor = '0';
-    while (!this.#stopping) {
+    while (!this.#poll.stopping) {
       const end = this.#o.metrics.batchSeconds.startTimer();
       const r = await this.#o.processBatch(this.#o.batchSize, cursor);
       if (r.claimed > 0) end();

@@ -13,7 +13,7 @@ import { auditAppend } from '../../src/db/queries/audit-append.js';
 import { claimJob, openJobExists, type JobRow } from '../../src/db/queries/claim-job.js';
 import { failJob } from '../../src/db/queries/update-job.js';
 import type { Logger } from '../../src/log.js';
-import { retryDelay, Wake } from '../wake.js';
+import { PollLoop } from '../wake.js';
 import type { SidecarMetrics } from '../metrics.js';
 import type pg from 'pg';
 
@@ -62,63 +62,41 @@ export class JobRunner {
   readonly #skip = new Set<string>();
   /** Jobs with nothing for this sidecar in this round (other sidecars hold their open ranges). */
   readonly #busy = new Set<string>();
-  #stopping = false;
-  #hinted = false;
-  readonly #wake = new Wake();
-  #loop: Promise<void> | undefined;
-  #errorStreak = 0;
+  readonly #poll: PollLoop;
 
   constructor(o: JobRunnerOptions) {
     this.#o = o;
     this.#kinds = o.handlers.map((h) => h.kind);
+    this.#poll = new PollLoop({
+      pollIntervalMs: o.pollIntervalMs,
+      round: async () => {
+        while (!this.#poll.stopping && (await this.#step()) === 'progress');
+      },
+      onError: (err, streak) => {
+        o.metrics.errors.inc({ kind: 'job' });
+        o.logger[streak === 1 ? 'warn' : 'debug']({ err: { message: describeError(err) }, streak }, 'job batch rolled back; will retry');
+      },
+    });
   }
 
   /** A `job` notification: end an idle wait now. */
   hint(): void {
-    this.#hinted = true;
-    this.#wake.hint();
+    this.#poll.hint();
   }
 
   /** Keys reloaded or the link came back: look again at once, including skipped jobs. */
   kick(): void {
     this.#skip.clear();
-    this.#hinted = true;
-    this.#errorStreak = 0;
-    this.#wake.now();
+    this.#poll.kick();
   }
 
   start(): void {
-    this.#loop ??= this.#run();
+    this.#poll.start();
   }
 
   /** Stops after the batch in hand has committed or failed. */
   async stop(): Promise<void> {
-    this.#stopping = true;
-    this.#wake.now();
-    await this.#loop;
-  }
-
-  async #run(): Promise<void> {
-    while (!this.#stopping) {
-      this.#hinted = false;
-      let failed = false;
-      try {
-        while (!this.#stopping && (await this.#step()) === 'progress');
-        this.#errorStreak = 0;
-      } catch (err) {
-        failed = true;
-        this.#errorStreak++;
-        this.#o.metrics.errors.inc({ kind: 'job' });
-        const level = this.#errorStreak === 1 ? 'warn' : 'debug';
-        this.#o.logger[level]({ err: { message: describeError(err) }, streak: this.#errorStreak }, 'job batch rolled back; will retry');
-      }
-      if (this.#stopping) break;
-      if (failed) {
-        await this.#wake.sleep(retryDelay(this.#errorStreak, this.#o.pollIntervalMs), false);
-      } else if (!this.#hinted) {
-        await this.#wake.sleep(this.#o.pollIntervalMs, true);
-      }
-    }
+    await this.#poll.stop();
   }
 
   async #step(): Promise<Step> {
