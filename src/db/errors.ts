@@ -48,8 +48,11 @@ export function isRetryable(err: unknown): boolean {
 export function describeError(err: unknown): string {
   const code = sqlState(err) ?? ((err as { code?: unknown } | null)?.code as string | undefined);
   const msg = (err instanceof Error ? err.message : String(err))
-    .replace(/"[^"]*"/g, '"…"')
-    .replace(/'[^']*'/g, "'…'")
+    // Greedy, first quote to last: a value may itself contain quotes. Byte sequences that
+    // Postgres prints unquoted (invalid UTF-8: 0xc3 0x28) are masked too.
+    .replace(/"[\s\S]*"/g, '"…"')
+    .replace(/'[\s\S]*'/g, "'…'")
+    .replace(/0x[0-9a-f]{2}(?: 0x[0-9a-f]{2})*/gi, '0x…')
     .replace(/\s+/g, ' ')
     .slice(0, 300);
   return code ? `${code}: ${msg}` : msg;
