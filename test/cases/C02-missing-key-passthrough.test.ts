@@ -15,7 +15,7 @@ import { DecryptError, looksLikeEnvelope } from '../../src/crypto/index.js';
 import { createTestDb, type TestDb } from '../helpers/db.js';
 import {
   activateKeys, decryptStored, newKeyHex, newKeys, openKeyring, registerKey, sidecarEnv, spawnReadySidecar, spawnSidecar,
-  stopSpawned, waitFor, type SpawnedSidecar, type TestKeys,
+  killSpawned, stopSpawned, waitFor, type SpawnedSidecar, type TestKeys,
 } from '../helpers/sidecar.js';
 
 const q = async <T extends Record<string, unknown> = Record<string, unknown>>(pool: pg.Pool, sql: string, params: unknown[] = []) =>
@@ -56,8 +56,7 @@ beforeAll(async () => {
 });
 
 afterAll(async () => {
-  for (const c of children) if (c.child.exitCode === null && c.child.signalCode === null) c.child.kill('SIGKILL');
-  await Promise.all(children.map((c) => c.exited));
+  await killSpawned(children);
   await db?.drop();
 });
 

@@ -16,7 +16,7 @@ import type pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createTestDb, type TestDb } from '../helpers/db.js';
 import {
-  activateKeys, newKeyHex, newKeys, openKeyring, registerKey, sidecarEnv, spawnReadySidecar, stopSpawned, waitFor,
+  activateKeys, newKeyHex, newKeys, openKeyring, registerKey, sidecarEnv, spawnReadySidecar, killSpawned, stopSpawned, waitFor,
   type SpawnedSidecar, type TestKeys,
 } from '../helpers/sidecar.js';
 import { fingerprint, pgError } from '../helpers/sql.js';
@@ -55,8 +55,7 @@ beforeAll(async () => {
 });
 
 afterAll(async () => {
-  for (const c of children) if (c.child.exitCode === null && c.child.signalCode === null) c.child.kill('SIGKILL');
-  await Promise.all(children.map((c) => c.exited));
+  await killSpawned(children);
   await db?.drop();
 });
 

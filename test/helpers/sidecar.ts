@@ -247,6 +247,19 @@ export async function stopSpawned(s: SpawnedSidecar): Promise<number | null> {
   return (await s.exited).code;
 }
 
+/** The `people` table of the rotation tests: email (blind index, per-subject keys) and nid protected. */
+export async function createPeopleTable(pool: pg.Pool): Promise<void> {
+  await pool.query(`CREATE TABLE people (id int PRIMARY KEY, subject text NOT NULL, email text, nid text)`);
+  await pool.query(`SELECT keyring.protect('people', 'email', p_blind_index => true, p_subject_column => 'subject')`);
+  await pool.query(`SELECT keyring.protect('people', 'nid')`);
+}
+
+/** afterAll cleanup: SIGKILLs every spawned sidecar still running and waits for all to exit. */
+export async function killSpawned(children: readonly SpawnedSidecar[]): Promise<void> {
+  for (const c of children) if (c.child.exitCode === null && c.child.signalCode === null) c.child.kill('SIGKILL');
+  await Promise.all(children.map((c) => c.exited));
+}
+
 /** Opens the keyring library (the system decrypt and lookup path) with the test keys. */
 export async function openKeyring(url: string, keys: TestKeys): Promise<Keyring> {
   const config = loadConfig({

@@ -12,7 +12,7 @@ import { runCli } from '../helpers/audit.js';
 import { createTestDb, type TestDb } from '../helpers/db.js';
 import {
   activateKeys, createSidecarRole, dropRole, newKeyHex, newKeys, openKeyring, registerKey, sidecarEnv, startSidecar, waitFor,
-  type TestKeys,
+  type TestKeys, createPeopleTable,
 } from '../helpers/sidecar.js';
 
 const q = async <T extends Record<string, unknown> = Record<string, unknown>>(pool: pg.Pool, sql: string, params: unknown[] = []) =>
@@ -52,9 +52,7 @@ describe('re-encryption', () => {
     keys = newKeys();
     await activateKeys(db.pool, keys);
     url = await createSidecarRole(db.pool, db.url, role);
-    await db.pool.query(`CREATE TABLE people (id int PRIMARY KEY, subject text NOT NULL, email text, nid text)`);
-    await db.pool.query(`SELECT keyring.protect('people', 'email', p_blind_index => true, p_subject_column => 'subject')`);
-    await db.pool.query(`SELECT keyring.protect('people', 'nid')`);
+    await createPeopleTable(db.pool);
     await db.pool.query(`UPDATE keyring.columns SET priority = 10, classification = 'L4 Restricted' WHERE column_name = 'nid'`);
   });
   afterAll(async () => {

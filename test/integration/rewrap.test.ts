@@ -12,7 +12,7 @@ import type { Sidecar } from '../../sidecar/sidecar.js';
 import { createTestDb, type TestDb } from '../helpers/db.js';
 import {
   activateKeys, createSidecarRole, dropRole, fingerprintOf, newKeyHex, newKeys, openKeyring, registerKey, sidecarEnv,
-  spawnReadySidecar, startSidecar, waitFor, type TestKeys,
+  spawnReadySidecar, startSidecar, waitFor, type TestKeys, createPeopleTable,
 } from '../helpers/sidecar.js';
 import { pgError } from '../helpers/sql.js';
 
@@ -100,9 +100,7 @@ describe('rewrap of real values', () => {
     keys = newKeys();
     await activateKeys(db.pool, keys);
     url = await createSidecarRole(db.pool, db.url, role);
-    await db.pool.query(`CREATE TABLE people (id int PRIMARY KEY, subject text NOT NULL, email text, nid text)`);
-    await db.pool.query(`SELECT keyring.protect('people', 'email', p_blind_index => true, p_subject_column => 'subject')`);
-    await db.pool.query(`SELECT keyring.protect('people', 'nid')`);
+    await createPeopleTable(db.pool);
   });
   afterAll(async () => {
     await stopAll();
