@@ -54,8 +54,9 @@ export function appRoleUrl(dbUrl: string): Promise<string> {
   return loginRoleUrl(dbUrl, APP_ROLE, 'keyring_writer');
 }
 
-async function connect(url: string): Promise<pg.Client> {
-  const client = new pg.Client({ connectionString: url });
+/** A connected client for `url` whose socket errors are ignored (tests end connections abruptly). */
+export async function connect(url: string, applicationName?: string): Promise<pg.Client> {
+  const client = new pg.Client({ connectionString: url, ...(applicationName ? { application_name: applicationName } : {}) });
   client.on('error', () => undefined);
   await client.connect();
   return client;

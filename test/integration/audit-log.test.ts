@@ -8,7 +8,7 @@ import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { auditRows, runCli } from '../helpers/audit.js';
 import { createTestDb, type TestDb } from '../helpers/db.js';
-import { appRoleUrl, DBA_ROLE, loginRoleUrl } from '../helpers/roles.js';
+import { connect, appRoleUrl, DBA_ROLE, loginRoleUrl } from '../helpers/roles.js';
 import { createSidecarRole, dropRole, fingerprintOf, newKeyHex, registerKey } from '../helpers/sidecar.js';
 import { pgError } from '../helpers/sql.js';
 
@@ -27,13 +27,6 @@ async function scenario(n: number): Promise<TestDb> {
   const t = await createTestDb();
   for (let i = 1; i <= n; i++) await t.pool.query(`SELECT keyring.audit_append('test.event', 'tester', p_detail => jsonb_build_object('i', $1::int))`, [i]);
   return t;
-}
-
-async function connect(url: string): Promise<pg.Client> {
-  const c = new pg.Client({ connectionString: url });
-  c.on('error', () => undefined);
-  await c.connect();
-  return c;
 }
 
 beforeAll(async () => {

@@ -15,7 +15,7 @@ import { spawnSync } from 'node:child_process';
 import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createTestDb, type TestDb } from '../helpers/db.js';
-import { APP_ROLE, appRoleUrl, loginRoleUrl } from '../helpers/roles.js';
+import { connect, APP_ROLE, appRoleUrl, loginRoleUrl } from '../helpers/roles.js';
 import { createSidecarRole, dropRole } from '../helpers/sidecar.js';
 
 type Role = 'keyring_writer' | 'keyring_auditor' | 'keyring_sidecar';
@@ -46,13 +46,6 @@ const logins = {} as Record<Role, string>;
 
 async function q<T extends pg.QueryResultRow = Record<string, unknown>>(sql: string, params: unknown[] = []): Promise<T[]> {
   return (await db.pool.query<T>(sql, params)).rows;
-}
-
-async function connect(url: string): Promise<pg.Client> {
-  const c = new pg.Client({ connectionString: url, application_name: 'audit-refusals-test' });
-  c.on('error', () => undefined);
-  await c.connect();
-  return c;
 }
 
 /** What the CLI does: the call in a transaction; on "permission denied for function X", roll back, then record X. */
@@ -93,9 +86,9 @@ beforeAll(async () => {
   logins.keyring_writer = APP_ROLE;
   logins.keyring_auditor = AUDITOR_ROLE;
   logins.keyring_sidecar = sidecarRole;
-  clients.keyring_writer = await connect(await appRoleUrl(db.url));
-  clients.keyring_auditor = await connect(await loginRoleUrl(db.url, AUDITOR_ROLE, 'keyring_auditor'));
-  clients.keyring_sidecar = await connect(await createSidecarRole(db.pool, db.url, sidecarRole));
+  clients.keyring_writer = await connect(await appRoleUrl(db.url), 'audit-refusals-test');
+  clients.keyring_auditor = await connect(await loginRoleUrl(db.url, AUDITOR_ROLE, 'keyring_auditor'), 'audit-refusals-test');
+  clients.keyring_sidecar = await connect(await createSidecarRole(db.pool, db.url, sidecarRole), 'audit-refusals-test');
 });
 afterAll(async () => {
   await Promise.all(Object.values(clients).map((c) => c?.end()));

@@ -16,7 +16,7 @@
 import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createTestDb, type TestDb } from '../helpers/db.js';
-import { APP_ROLE, appRoleUrl, DBA_ROLE, loginRoleUrl } from '../helpers/roles.js';
+import { connect, APP_ROLE, appRoleUrl, DBA_ROLE, loginRoleUrl } from '../helpers/roles.js';
 import { createSidecarRole, dropRole } from '../helpers/sidecar.js';
 import { fakeCiphertext } from '../helpers/sql.js';
 
@@ -107,13 +107,6 @@ function statement(rel: { name: string; kind: string; firstColumn: string }, op:
     case 'DELETE': return `DELETE FROM ${t} WHERE false`;
     case 'TRUNCATE': return `TRUNCATE ${t}`;
   }
-}
-
-async function connect(url: string): Promise<pg.Client> {
-  const c = new pg.Client({ connectionString: url });
-  c.on('error', () => undefined);
-  await c.connect();
-  return c;
 }
 
 beforeAll(async () => {
