@@ -32,7 +32,7 @@ import {
 } from '../../src/db/queries/reencrypt-chunks.js';
 import { selectColumns, type ColumnRow } from '../../src/db/queries/select-columns.js';
 import { updateBaseRows, type BaseTable } from '../../src/db/queries/update-base-rows.js';
-import { scopeOf, type DataKeyCache, type KeyDemand } from '../../src/keys/data-keys.js';
+import { scopeOf, type DataKey, type DataKeyCache, type KeyDemand } from '../../src/keys/data-keys.js';
 import { DataKeyShreddedError, KeyUnavailableError } from '../../src/keys/errors.js';
 import type { RootKeyStore } from '../../src/keys/root-keys.js';
 import { auditDecryption, type AuditedValue, type DecryptFailureClass } from '../../src/lib/decrypt-audit.js';
@@ -55,6 +55,12 @@ export interface ReencryptContext {
 type Col = ColumnRow & { readonly subject_column: string | null };
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+/**
+ * Rows sealed per UPDATE within a range: the next part is decrypted and sealed while the
+ * server writes the previous one (Node and the server each take about half of a range's
+ * time, so overlapping them is what shortens it; the bench's rotation section measures it).
+ */
+const SEAL_PART = 1000;
 const MAX_DATA_KEY_ID = (1n << 63n) - 1n;
 
 function safeKeyId(b: Buffer): bigint | null {
@@ -74,6 +80,9 @@ async function loadColumn(client: pg.ClientBase, columnId: number): Promise<Col>
 }
 
 export function reencryptHandler(ctx: ReencryptContext): JobHandler {
+  // The column as read by the last claim of each job (read again at every claim, under
+  // the job row lock): the range transaction that follows needs no second look-up.
+  const columns = new Map<string, Col>();
   return {
     kind: 'reencrypt',
     failedAction: 'reencrypt.failed',
@@ -89,6 +98,8 @@ export function reencryptHandler(ctx: ReencryptContext): JobHandler {
           "no longer active; run SELECT keyring.reencrypt() again");
       }
       const col = await loadColumn(client, job.column_id);
+      if (columns.size >= 64) columns.clear(); // jobs that ended elsewhere
+      columns.set(job.id, col);
       const chunk = await carveChunk(client, job.id, col, job.batch_size, ctx.instanceId);
       if (!chunk) await countClaim(client, job.id);
       return false;
@@ -98,7 +109,7 @@ export function reencryptHandler(ctx: ReencryptContext): JobHandler {
       return ctx.db.with(async (client) => {
         await client.query('BEGIN');
         try {
-          const did = await runChunk(ctx, client, job);
+          const did = await runChunk(ctx, client, job, columns.get(job.id));
           await client.query('COMMIT');
           return did;
         } catch (err) {
@@ -117,7 +128,7 @@ interface Failure extends AuditedValue {
 }
 
 /** One range in the caller's transaction; false when no range was open for this sidecar. */
-async function runChunk(ctx: ReencryptContext, client: pg.ClientBase, job: JobRow): Promise<boolean> {
+async function runChunk(ctx: ReencryptContext, client: pg.ClientBase, job: JobRow, known: Col | undefined): Promise<boolean> {
   const chunk = await claimChunk(client, job.id);
   if (!chunk) return false;
   if (chunk.not_before) {
@@ -126,13 +137,13 @@ async function runChunk(ctx: ReencryptContext, client: pg.ClientBase, job: JobRo
   }
   const target = job.target_version!;
   const floor = BigInt(job.key_floor ?? '0');
-  const col = await loadColumn(client, job.column_id!);
+  const col = known ?? (await loadColumn(client, job.column_id!));
   const rows = await selectChunkRows(client, col, chunk);
   const meta = await selectKeyMeta(client, [...new Set(rows.map((r) => safeKeyId(r.ct)).filter((x): x is bigint => x !== null))]);
   const keys = ctx.rootKeys();
   const n = { done: 0, skipped: 0, quarantined: 0, erased: 0, unavailable: 0 };
   const failures: Failure[] = [];
-  const candidates: { row_key: string; ct: Buffer; subject: string | null; keyId: bigint; rootVersion: number }[] = [];
+  const candidates: Todo[] = [];
   const missingRoots = new Set<number>();
   for (const r of rows) {
     // A queued write's placeholder: the write path seals the new value under a new key.
@@ -164,78 +175,49 @@ async function runChunk(ctx: ReencryptContext, client: pg.ClientBase, job: JobRo
   n.skipped += candidates.length - todo.length;
 
   // Old data keys: disabled roots allowed (a re-encryption is what moves values off them).
-  const dks = new Map<bigint, Awaited<ReturnType<DataKeyCache['byIds']>> extends Map<bigint, infer V> ? V : never>();
+  const dks = new Map<bigint, DataKey>();
   const keyProblems = new Map<bigint, 'erased' | 'data_key_unwrap'>();
-  for (const keyId of new Set(todo.map((t) => t.keyId))) {
-    try {
-      for (const [k, v] of await ctx.dataKeys.byIds(client, [keyId], { allowDisabledRoot: true })) dks.set(k, v);
-    } catch (err) {
-      if (err instanceof DataKeyShreddedError) keyProblems.set(keyId, 'erased');
-      else if (err instanceof KeyUnavailableError) keyProblems.set(keyId, 'data_key_unwrap'); // root held: the key row was altered
-      else throw err;
-    }
+  for (const [keyId, k] of await ctx.dataKeys.byIdsSettled(client, todo.map((t) => t.keyId))) {
+    if (k instanceof DataKeyShreddedError) keyProblems.set(keyId, 'erased');
+    else if (k instanceof KeyUnavailableError) keyProblems.set(keyId, 'data_key_unwrap'); // root held: the key row was altered
+    else dks.set(keyId, k);
   }
-  const opened: { row_key: string; subject: string | null; plain: Buffer; ct: Buffer; rootVersion: number }[] = [];
-  const nestedSuspects = new Map<number, bigint>();
-  for (const t of todo) {
-    const kp = keyProblems.get(t.keyId);
-    if (kp === 'erased') { n.erased++; continue; }
-    const known = { dataKeyId: t.keyId, rootVersion: t.rootVersion };
-    if (kp) { failures.push({ rowKey: t.row_key, value: null, problem: kp, ...known }); continue; }
-    try {
-      const plain = openValue(dks.get(t.keyId)!.key, col.id, t.row_key, t.ct);
-      if (looksLikeEnvelope(plain)) {
-        const inner = safeKeyId(plain);
-        if (inner !== null) nestedSuspects.set(opened.length, inner);
-      }
-      opened.push({ row_key: t.row_key, subject: t.subject, plain, ct: t.ct, rootVersion: t.rootVersion });
-    } catch (err) {
-      if (!(err instanceof DecryptError)) throw err;
-      failures.push({ rowKey: t.row_key, value: null, problem: err.reason ?? 'auth', ...known });
-    }
-  }
-  // Case C02 invariant: a plaintext that is itself an envelope naming an existing data key
-  // is ciphertext encrypted twice; it is reported, never sealed once more.
-  if (nestedSuspects.size > 0) {
-    const existing = await selectKeyMeta(client, [...new Set(nestedSuspects.values())]);
-    for (const [i, inner] of nestedSuspects) {
-      if (!existing.has(inner)) continue;
-      const o = opened[i]!;
-      failures.push({ rowKey: o.row_key, value: null, problem: 'nested', dataKeyId: safeKeyId(o.ct)!, rootVersion: o.rootVersion });
-      o.plain.fill(0);
-      opened[i] = { ...o, plain: Buffer.alloc(0), row_key: '' }; // dropped below
-    }
-  }
-  const sealable = opened.filter((o) => o.row_key !== '');
-
+  const fresh = todo.length === 0 ? new Map<string, DataKey>() : await ctx.dataKeys.activeKeys(client, demandsOf(col.id, todo));
+  const table: BaseTable = {
+    schema: col.table_schema, table: col.table_name, pkColumns: col.pk_columns, pkTypes: col.pk_types,
+    // No blind-index column: the value did not change, so its term stays byte-identical.
+    columns: [{ column: col.column_name, bidxColumn: null }],
+    compareAndSwap: true,
+  };
+  // Pipelined: part i+1 is decrypted and sealed while the server writes part i (the
+  // client queues the statements; one transaction, so the range is still all or nothing).
   let written = 0;
+  let sealed = 0;
   const perKey = new Map<bigint, number>();
-  if (sealable.length > 0) {
-    const demands = new Map<string, KeyDemand>();
-    for (const o of sealable) {
-      const scope = scopeOf(col.id, o.subject);
-      demands.set(scope, { columnId: col.id, subject: o.subject, count: (demands.get(scope)?.count ?? 0) + 1 });
+  let inFlight: Promise<number> | undefined;
+  try {
+    for (let i = 0; i < todo.length; i += SEAL_PART) {
+      const opened = await openPart(ctx, client, col, todo.slice(i, i + SEAL_PART), dks, keyProblems, n, failures);
+      const updates = opened.map((o) => {
+        const dk = fresh.get(scopeOf(col.id, o.subject))!;
+        if (dk.rootVersion !== target) throw new KeyUnavailableError(`encrypt key version ${target} stopped being active during a re-encryption range; retrying`);
+        perKey.set(dk.id, (perKey.get(dk.id) ?? 0) + 1);
+        const ciphertext = sealValue(dk.key, dk.id, col.id, o.row_key, o.plain, ctx.ivPool);
+        o.plain.fill(0);
+        return { rowKey: o.row_key, values: [{ ciphertext, term: null, expected: o.ct }] };
+      });
+      sealed += updates.length;
+      if (inFlight) written += await inFlight;
+      inFlight = updates.length > 0 ? updateBaseRows(client, table, updates) : undefined;
     }
-    const fresh = await ctx.dataKeys.activeKeys(client, [...demands.values()]);
-    const table: BaseTable = {
-      schema: col.table_schema, table: col.table_name, pkColumns: col.pk_columns, pkTypes: col.pk_types,
-      // No blind-index column: the value did not change, so its term stays byte-identical.
-      columns: [{ column: col.column_name, bidxColumn: null }],
-      compareAndSwap: true,
-    };
-    const updates = sealable.map((o) => {
-      const dk = fresh.get(scopeOf(col.id, o.subject))!;
-      if (dk.rootVersion !== target) throw new KeyUnavailableError(`encrypt key version ${target} stopped being active during a re-encryption range; retrying`);
-      perKey.set(dk.id, (perKey.get(dk.id) ?? 0) + 1);
-      const ciphertext = sealValue(dk.key, dk.id, col.id, o.row_key, o.plain, ctx.ivPool);
-      o.plain.fill(0);
-      return { rowKey: o.row_key, values: [{ ciphertext, term: null, expected: o.ct }] };
-    });
-    written = await updateBaseRows(client, table, updates);
-    await addEncryptions(client, perKey, ctx.dataKeys.maxEncryptions);
+    if (inFlight) written += await inFlight;
+  } catch (err) {
+    await inFlight?.catch(() => undefined); // the transaction is rolled back by the caller
+    throw err;
   }
+  if (perKey.size > 0) await addEncryptions(client, perKey, ctx.dataKeys.maxEncryptions);
   n.done += written;
-  n.skipped += sealable.length - written; // an application write won the race
+  n.skipped += sealed - written; // an application write won the race
   n.quarantined += failures.length;
   await quarantineValues(client, col.id, failures.map((f) => ({ rowKey: f.rowKey, detail: `re-encryption job ${job.id}: ${f.problem}` })));
   if (ctx.testDelayMs > 0) await sleep(ctx.testDelayMs);
@@ -260,4 +242,71 @@ async function runChunk(ctx: ReencryptContext, client: pg.ClientBase, job: JobRo
     ctx.logger.info({ job: job.id, columnId: col.id, ...totals }, 're-encryption finished');
   }
   return true;
+}
+
+interface Todo {
+  readonly row_key: string;
+  readonly ct: Buffer;
+  readonly subject: string | null;
+  readonly keyId: bigint;
+  readonly rootVersion: number;
+}
+
+interface Opened {
+  readonly row_key: string;
+  readonly subject: string | null;
+  readonly plain: Buffer;
+  readonly ct: Buffer;
+}
+
+/** One active data key per scope of the rows (the counts bound the encryptions: failures only lower them). */
+function demandsOf(columnId: number, rows: readonly Todo[]): KeyDemand[] {
+  const demands = new Map<string, KeyDemand>();
+  for (const r of rows) {
+    const scope = scopeOf(columnId, r.subject);
+    demands.set(scope, { columnId, subject: r.subject, count: (demands.get(scope)?.count ?? 0) + 1 });
+  }
+  return [...demands.values()];
+}
+
+/**
+ * Decrypts a part of the range. Values that do not decrypt, or whose data key is gone,
+ * are counted (`n`) or reported (`failures`); the rest is returned, plaintext in hand.
+ */
+async function openPart(
+  ctx: ReencryptContext, client: pg.ClientBase, col: Col, part: readonly Todo[], dks: ReadonlyMap<bigint, DataKey>,
+  keyProblems: ReadonlyMap<bigint, 'erased' | 'data_key_unwrap'>, n: { erased: number }, failures: Failure[],
+): Promise<Opened[]> {
+  const opened: (Opened & { readonly rootVersion: number })[] = [];
+  const nestedSuspects = new Map<number, bigint>();
+  for (const t of part) {
+    const kp = keyProblems.get(t.keyId);
+    if (kp === 'erased') { n.erased++; continue; }
+    const known = { dataKeyId: t.keyId, rootVersion: t.rootVersion };
+    if (kp) { failures.push({ rowKey: t.row_key, value: null, problem: kp, ...known }); continue; }
+    try {
+      const plain = openValue(dks.get(t.keyId)!.key, col.id, t.row_key, t.ct);
+      if (looksLikeEnvelope(plain)) {
+        const inner = safeKeyId(plain);
+        if (inner !== null) nestedSuspects.set(opened.length, inner);
+      }
+      opened.push({ row_key: t.row_key, subject: t.subject, plain, ct: t.ct, rootVersion: t.rootVersion });
+    } catch (err) {
+      if (!(err instanceof DecryptError)) throw err;
+      failures.push({ rowKey: t.row_key, value: null, problem: err.reason ?? 'auth', ...known });
+    }
+  }
+  if (nestedSuspects.size === 0) return opened;
+  // Case C02 invariant: a plaintext that is itself an envelope naming an existing data key
+  // is ciphertext encrypted twice; it is reported, never sealed once more.
+  const existing = await selectKeyMeta(client, [...new Set(nestedSuspects.values())]);
+  const nested = new Set<number>();
+  for (const [i, inner] of nestedSuspects) {
+    if (!existing.has(inner)) continue;
+    const o = opened[i]!;
+    failures.push({ rowKey: o.row_key, value: null, problem: 'nested', dataKeyId: safeKeyId(o.ct)!, rootVersion: o.rootVersion });
+    o.plain.fill(0);
+    nested.add(i);
+  }
+  return opened.filter((_, i) => !nested.has(i));
 }

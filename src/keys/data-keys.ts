@@ -99,6 +99,29 @@ export class DataKeyCache {
     return out;
   }
 
+  /**
+   * byIds for a re-encryption range: one query for every id, and per id the key or why it
+   * is refused (DataKeyShreddedError, KeyUnavailableError) instead of one throw for all.
+   * Disabled roots are allowed (re-encryption is what moves values off them).
+   */
+  async byIdsSettled(client: pg.ClientBase, ids: readonly bigint[]): Promise<Map<bigint, DataKey | DataKeyShreddedError | KeyUnavailableError>> {
+    const out = new Map<bigint, DataKey | DataKeyShreddedError | KeyUnavailableError>();
+    const unique = [...new Set(ids)];
+    if (unique.length === 0) return out;
+    for (const row of await selectDataKeys(client, unique)) {
+      try {
+        out.set(BigInt(row.id), this.#fromRow(row));
+      } catch (err) {
+        if (!(err instanceof DataKeyShreddedError || err instanceof KeyUnavailableError)) throw err;
+        out.set(BigInt(row.id), err);
+      }
+    }
+    for (const id of unique) {
+      if (!out.has(id)) out.set(id, new KeyUnavailableError(`data key ${id} does not exist`));
+    }
+    return out;
+  }
+
   /** The per-key encryption bound in force (keyring.settings data_key_max_encryptions). */
   get maxEncryptions(): bigint {
     return this.#o.maxEncryptions?.() ?? DEFAULT_MAX_ENCRYPTIONS;

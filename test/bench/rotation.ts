@@ -227,7 +227,6 @@ export async function runRotation(ctx: BenchContext, o: RotationOptions): Promis
       backends: new Map(), processes: new Map(sidecars.map((s) => [s.pid, 'sidecar (node)'])),
       appNames: [['keyring sidecar', 'sidecar backends'], ['bench app', 'app backend']],
     });
-    if (process.env.BENCH_PROF) for (const s of sidecars) process.kill(s.pid, 'SIGUSR2');
     const t0 = performance.now();
     const { rows: [call] } = await admin.query<{ ids: string[] }>(
       o.reencryptBatch === undefined

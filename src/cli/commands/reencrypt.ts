@@ -9,7 +9,7 @@ export const reencryptCommand: Command = {
   help: `Usage: keyring reencrypt <schema.table.column|all> [--batch-size N] [--rate N] [--detach]
 
 Runs SELECT keyring.reencrypt(...): one job per protected column (restricted classes
-first) that the running sidecars share, --batch-size rows per transaction (default 500),
+first) that the running sidecars share, --batch-size rows per transaction (default 5000),
 at most --rate rows per second across all sidecars (default: no limit). The columns'
 data keys are retired at once, so new writes get new keys too. Resumable after a crash;
 application writes always win over a batch.
@@ -26,7 +26,7 @@ keyring.quarantine), left for a missing key version, or a job failed.`,
     }, true);
     if (positionals.length !== 1) throw usageError('name one column (schema.table.column) or all: keyring reencrypt <column|all>');
     const column = positionals[0]!;
-    const batchSize = values['batch-size'] === undefined ? 500 : Number(values['batch-size']);
+    const batchSize = values['batch-size'] === undefined ? 5000 : Number(values['batch-size']);
     if (!Number.isInteger(batchSize) || batchSize < 1 || batchSize > 100_000) throw usageError('--batch-size must be a whole number 1..100000');
     const rate = values.rate === undefined ? null : Number(values.rate);
     if (rate !== null && (!Number.isInteger(rate) || rate < 1)) throw usageError('--rate must be a positive whole number of rows per second');

@@ -1,5 +1,6 @@
 import type pg from 'pg';
 import { KeyringError } from '../../crypto/index.js';
+import { encodeByteaArray } from '../binary-array.js';
 
 /** One protected column of a table written by a batch. */
 export interface BaseColumn {
@@ -74,14 +75,18 @@ export function baseUpdateSql(t: BaseTable): string {
   return sql;
 }
 
-/** The parameter arrays of baseUpdateSql, column-major. */
-export function baseUpdateParams(t: BaseTable, rows: readonly BaseRowUpdate[]): unknown[] {
+/**
+ * The parameter arrays of baseUpdateSql, column-major. bytea[] parameters are JS arrays
+ * of Buffers, or with `binary` single Buffers in the binary array format (no hex).
+ */
+export function baseUpdateParams(t: BaseTable, rows: readonly BaseRowUpdate[], opts: { binary?: boolean } = {}): unknown[] {
+  const bytes = opts.binary ? encodeByteaArray : (v: (Buffer | null)[]) => v;
   const params: unknown[] = [rows.map((r) => r.rowKey)];
   t.columns.forEach((c, i) => {
     params.push(rows.map((r) => r.values[i] !== undefined));
-    params.push(rows.map((r) => r.values[i]?.ciphertext ?? null));
-    if (c.bidxColumn !== null) params.push(rows.map((r) => r.values[i]?.term ?? null));
-    if (t.compareAndSwap) params.push(rows.map((r) => r.values[i]?.expected ?? null));
+    params.push(bytes(rows.map((r) => r.values[i]?.ciphertext ?? null)));
+    if (c.bidxColumn !== null) params.push(bytes(rows.map((r) => r.values[i]?.term ?? null)));
+    if (t.compareAndSwap) params.push(bytes(rows.map((r) => r.values[i]?.expected ?? null)));
   });
   return params;
 }
@@ -90,9 +95,8 @@ export function baseUpdateParams(t: BaseTable, rows: readonly BaseRowUpdate[]): 
 export const LARGE_ENVELOPE_BYTES = 65_536;
 
 /**
- * The one-row form of baseUpdateSql with scalar parameters. node-postgres sends a Buffer
- * parameter in binary, but renders the Buffers of an array parameter as hex text: for a
- * multi-MiB envelope that is two more copies of twice its size in memory.
+ * The one-row form of baseUpdateSql with scalar parameters: a multi-MiB envelope is sent
+ * as its own binary parameter instead of being copied into an array parameter.
  */
 function singleRowSql(t: BaseTable): string {
   const n = 1 + t.columns.reduce((acc, c) => acc + (c.bidxColumn === null ? 2 : 3) + (t.compareAndSwap ? 1 : 0), 0);
@@ -110,7 +114,7 @@ export async function updateBaseRows(client: pg.ClientBase, t: BaseTable, rows: 
   const isLarge = (r: BaseRowUpdate) => r.values.some((v) => v !== undefined && v.ciphertext.length > LARGE_ENVELOPE_BYTES);
   const small = rows.filter((r) => !isLarge(r));
   let updated = 0;
-  if (small.length > 0) updated += (await client.query(baseUpdateSql(t), baseUpdateParams(t, small))).rowCount ?? 0;
+  if (small.length > 0) updated += (await client.query(baseUpdateSql(t), baseUpdateParams(t, small, { binary: true }))).rowCount ?? 0;
   for (const r of rows.filter(isLarge)) {
     const params = baseUpdateParams(t, [r]).map((p) => (p as unknown[])[0]);
     updated += (await client.query(singleRowSql(t), params)).rowCount ?? 0;
