@@ -1,4 +1,5 @@
 import type pg from 'pg';
+import { encodeByteaArray } from '../binary-array.js';
 
 export interface WrappedKeyRow {
   readonly id: string; // bigint as text
@@ -36,7 +37,7 @@ export async function rewrapDataKeys(client: pg.ClientBase, target: number, ids:
        FROM unnest($2::bigint[], $3::bytea[]) AS u(id, wrapped)
       WHERE d.id = u.id
         AND EXISTS (SELECT 1 FROM keyring.root_keys r WHERE r.purpose = 'encrypt' AND r.version = $1 AND r.state = 'active')`,
-    [target, ids, wrapped],
+    [target, ids, encodeByteaArray(wrapped)], // binary: no hex text of 60 bytes per key either way
   );
   return rowCount ?? 0;
 }
