@@ -183,7 +183,6 @@ export async function runRotation(ctx: BenchContext, o: RotationOptions): Promis
       sidecars.push(await startSidecarProcess({
         databaseUrl: ctx.url, keys: { encrypt: `${ctx.keys.encrypt},${v2Hex}`, index: ctx.keys.index },
         batchSize: ctx.sidecarBatchSize, instanceId: `bench-rotation-${i}`,
-        ...(process.env.BENCH_PROF ? { nodeArgs: process.env.BENCH_PROF.split(' ') } : {}),
       }));
     }
     const v1 = await versionOf(admin, ctx.keys.encrypt);
