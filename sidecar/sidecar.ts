@@ -25,6 +25,7 @@ import { createLogger, type Logger } from '../src/log.js';
 import { processBatch, type BatchResult } from './claim.js';
 import { unwrapFailureReporter } from './decrypt-audit.js';
 import { HealthServer, type HealthState } from './health.js';
+import { backfillHandler } from './jobs/backfill.js';
 import { reencryptHandler } from './jobs/reencrypt.js';
 import { rewrapHandler } from './jobs/rewrap.js';
 import { JobRunner } from './jobs/runner.js';
@@ -109,6 +110,8 @@ export class Sidecar {
       }), reencryptHandler({
         db, dataKeys: this.#dataKeys, rootKeys: () => this.#keys, ivPool, instanceId: config.instanceId, logger: log,
         metrics: this.#metrics, testDelayMs: config.testBatchDelayMs,
+      }), backfillHandler({
+        db, instanceId: config.instanceId, logger: log, metrics: this.#metrics, testDelayMs: config.testBatchDelayMs,
       })],
     });
   }
