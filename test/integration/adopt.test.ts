@@ -11,7 +11,7 @@
 import type pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Sidecar } from '../../sidecar/sidecar.js';
-import { auditRows } from '../helpers/audit.js';
+import { auditRows, runCli } from '../helpers/audit.js';
 import { createTestDb, type TestDb } from '../helpers/db.js';
 import { connectAsApp } from '../helpers/roles.js';
 import {
@@ -382,6 +382,21 @@ describe('adopting a populated column', () => {
     } finally {
       await db.pool.query(`UPDATE keyring.settings SET value = '8388608' WHERE name = 'max_value_bytes'`);
     }
+  }, 60_000);
+
+  it('keyring protect follows the backfill with a progress bar until the plaintext column is gone; --detach returns at once', async () => {
+    await db.pool.query(`CREATE TABLE cli_t (id int PRIMARY KEY, a text, b text)`);
+    await db.pool.query(`INSERT INTO cli_t SELECT g, 'a-' || g, 'b-' || g FROM generate_series(1, 3000) g`);
+    const env = sidecarEnv(db.url, keys);
+    const run = await runCli(['protect', 'public.cli_t.a'], env);
+    expect(run.code).toBe(0);
+    expect(run.stdout).toMatch(/adopted 3,000 value\(s\) of public\.cli_t\.a into the queue/);
+    expect(run.stderr).toMatch(/adopt public\.cli_t\.a \[#+\] 3,000\/3,000/);
+    expect(await columnsOf(db.pool, 'cli_t')).toEqual(['id', 'b', 'a']);
+    const detached = await runCli(['protect', 'public.cli_t.b', '--detach'], env);
+    expect(detached.code).toBe(0);
+    expect(detached.stdout).toMatch(/backfill job \d+; follow with SELECT \* FROM keyring\.rotation_progress WHERE job = \d+/);
+    expect(run.stdout + run.stderr + detached.stdout).not.toMatch(/a-\d|b-\d/);
   }, 60_000);
 
   it('an empty column is converted at once, with no job', async () => {

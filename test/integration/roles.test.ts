@@ -31,7 +31,8 @@ const MATRIX: Record<string, Record<Role, readonly Op[]>> = {
   root_keys: { keyring_writer: [], keyring_auditor: [], keyring_sidecar: ['SELECT'], keyring_admin: ALL },
   data_keys: { keyring_writer: [], keyring_auditor: [], keyring_sidecar: ['SELECT', 'INSERT', 'UPDATE'], keyring_admin: ALL },
   columns: { keyring_writer: [], keyring_auditor: [], keyring_sidecar: ['SELECT'], keyring_admin: ALL },
-  pending: { keyring_writer: [], keyring_auditor: [], keyring_sidecar: ['SELECT', 'UPDATE', 'DELETE'], keyring_admin: ALL },
+  // adopt migration: the sidecar queues the plaintext of an adopted column (backfill_range)
+  pending: { keyring_writer: [], keyring_auditor: [], keyring_sidecar: ['SELECT', 'INSERT', 'UPDATE', 'DELETE'], keyring_admin: ALL },
   quarantine: { keyring_writer: [], keyring_auditor: [], keyring_sidecar: ['SELECT', 'INSERT'], keyring_admin: ALL },
   sidecars: { keyring_writer: [], keyring_auditor: [], keyring_sidecar: ['SELECT', 'INSERT', 'UPDATE'], keyring_admin: ALL },
   settings: { keyring_writer: [], keyring_auditor: ['SELECT'], keyring_sidecar: ['SELECT'], keyring_admin: ALL },
@@ -59,10 +60,12 @@ const MATRIX: Record<string, Record<Role, readonly Op[]>> = {
 const CALLABLE: Record<Role, readonly string[]> = {
   keyring_admin: ['protect', 'unprotect', 'register_key', 'activate_key', 'retire_key', 'disable_key', 'enable_key',
     'destroy_key', 'rotate', 'key_dependents', 'reencrypt', 'shred', 'audit_reveal', 'reveal_allowed',
-    'verify_audit_chain', 'column_status', 'audit_append', 'setting', 'max_value_bytes', 'audit_refusal'],
+    'verify_audit_chain', 'column_status', 'audit_append', 'setting', 'max_value_bytes', 'audit_refusal', 'backfill'],
   keyring_writer: ['audit_refusal'],
-  keyring_auditor: ['column_status', 'verify_audit_chain', 'audit_row_hash', 'audit_refusal'],
-  keyring_sidecar: ['audit_append', 'register_key', 'setting', 'max_value_bytes', 'min_max_value_bytes', 'notify', 'audit_refusal'],
+  keyring_auditor: ['column_status', 'verify_audit_chain', 'audit_row_hash', 'audit_refusal', 'plaintext_count'],
+  // adopt migration: the backfill's steps and the SQL-text helpers backfill_range (SECURITY INVOKER) uses
+  keyring_sidecar: ['audit_append', 'register_key', 'setting', 'max_value_bytes', 'min_max_value_bytes', 'notify', 'audit_refusal',
+    'backfill_range', 'adopt_finish', 'plaintext_count', 'pk_range_sql', 'row_key_sql', 'canonical_sql'],
 };
 
 /**
@@ -71,7 +74,7 @@ const CALLABLE: Record<Role, readonly string[]> = {
  * register_key, which the sidecar calls at start).
  */
 const DBA_ENTRY_POINTS = ['protect', 'unprotect', 'register_key', 'activate_key', 'retire_key', 'disable_key',
-  'enable_key', 'destroy_key', 'rotate', 'key_dependents', 'reencrypt', 'shred', 'audit_reveal', 'reveal_allowed'] as const;
+  'enable_key', 'destroy_key', 'rotate', 'key_dependents', 'reencrypt', 'shred', 'audit_reveal', 'reveal_allowed', 'backfill'] as const;
 
 let db: TestDb;
 const sidecarRole = `kr_sc_roles_${process.pid}`;
