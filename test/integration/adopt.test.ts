@@ -399,6 +399,31 @@ describe('adopting a populated column', () => {
     expect(run.stdout + run.stderr + detached.stdout).not.toMatch(/a-\d|b-\d/);
   }, 60_000);
 
+  it('the write path writes a ciphertext only over the placeholder: a queue entry whose row was cleared meanwhile is dropped', async () => {
+    await db.pool.query(`CREATE TABLE race (id int PRIMARY KEY, secret text)`);
+    await db.pool.query(`SELECT keyring.protect('race', 'secret')`);
+    const c = await db.pool.connect();
+    try {
+      // What a staging write of NULL leaves behind when it could not see a queue entry
+      // still uncommitted (a backfill range's): the entry, and a row that is NULL now.
+      await c.query('BEGIN');
+      await c.query(`INSERT INTO race_staging VALUES (1, 'stale'), (2, 'kept')`);
+      await c.query('UPDATE race SET secret = NULL WHERE id = 1');
+      await c.query('COMMIT');
+    } finally {
+      c.release();
+    }
+    await Promise.all(running.map((s) => s.drain()));
+    expect(await q(db.pool, `SELECT count(*)::int AS n FROM keyring.pending`)).toEqual([{ n: 0 }]);
+    expect(await q(db.pool, `SELECT id, secret IS NULL AS empty FROM race ORDER BY id`)).toEqual([{ id: 1, empty: true }, { id: 2, empty: false }]);
+    const kr = await openKeyring(db.url, keys);
+    try {
+      expect(await kr.decrypt('public.race.secret', '2')).toBe('kept');
+    } finally {
+      await kr.close();
+    }
+  });
+
   it('an empty column is converted at once, with no job', async () => {
     await db.pool.query(`CREATE TABLE fresh (id int PRIMARY KEY, secret text); INSERT INTO fresh VALUES (1, NULL)`);
     await db.pool.query(`SELECT keyring.protect('fresh', 'secret')`);
