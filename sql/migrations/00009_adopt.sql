@@ -21,35 +21,55 @@ ALTER TABLE keyring.jobs ADD CONSTRAINT jobs_kind_check
 -- brief ACCESS EXCLUSIVE lock. Every writer that arrives meanwhile queues behind it, so a
 -- short bound (2 s) is the point; the caller gets a clear error and tries again.
 INSERT INTO keyring.settings (name, value) VALUES ('ddl_lock_timeout_ms', '2000');
+ALTER TABLE keyring.settings ADD CONSTRAINT ddl_lock_timeout_ms_range CHECK (name <> 'ddl_lock_timeout_ms'
+  OR (value ~ '^[0-9]{1,6}$' AND value::integer BETWEEN 10 AND 600000));
 
--- Takes ACCESS EXCLUSIVE on a table within ddl_lock_timeout_ms (in the caller's
--- transaction and function-level lock_timeout), or says clearly why not.
+-- Takes ACCESS EXCLUSIVE on a table (and first on its staging view) within
+-- ddl_lock_timeout_ms, in the caller's transaction, or says clearly why not.
+--
+-- In attempts of at most 200 ms, below deadlock_timeout (1 s by default): a waiting
+-- ACCESS EXCLUSIVE request holds up every writer that arrives after it, and a writer
+-- that already holds the table and then waits for the view would otherwise form a
+-- deadlock in which the detector may pick the application as the victim. A failed
+-- attempt releases what it took (its subtransaction) and the writers run on; the next
+-- attempt comes after a short random pause.
 CREATE FUNCTION keyring.lock_for_ddl(p_rel regclass, p_what text) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, keyring, pg_temp AS $$
 DECLARE
-  v_ms text := coalesce(keyring.setting('ddl_lock_timeout_ms'), '2000');
+  v_ms integer := coalesce(keyring.setting('ddl_lock_timeout_ms'), '2000')::integer;
+  v_deadline timestamptz := clock_timestamp() + make_interval(secs => v_ms / 1000.0);
+  v_before text := current_setting('lock_timeout');
   v_view text;
 BEGIN
-  PERFORM set_config('lock_timeout', v_ms || 'ms', true);
   -- The staging view first, then the table: the order an application write takes them
-  -- (the view's statement, then its trigger's base-table write). The other order
-  -- deadlocks with a write that holds the view and waits for the table.
+  -- (the view's statement, then its trigger's base-table write).
   SELECT format('%I.%I', n.nspname, v.relname) INTO v_view
     FROM pg_class t JOIN pg_namespace n ON n.oid = t.relnamespace
     JOIN keyring.columns k ON k.table_schema = n.nspname AND k.table_name = t.relname
     JOIN pg_class v ON v.relnamespace = t.relnamespace AND v.relname = k.staging_view AND v.relkind = 'v'
    WHERE t.oid = p_rel
    LIMIT 1;
-  IF v_view IS NOT NULL THEN
-    EXECUTE format('LOCK TABLE %s IN ACCESS EXCLUSIVE MODE', v_view);
-  END IF;
-  EXECUTE format('LOCK TABLE ONLY %s IN ACCESS EXCLUSIVE MODE', p_rel);
-EXCEPTION WHEN lock_not_available THEN
-  RAISE EXCEPTION USING ERRCODE = 'lock_not_available',
-    MESSAGE = format('keyring: %s could not lock %s within %s ms: other transactions are using it', p_what, p_rel, v_ms),
-    HINT = 'Nothing was changed. Find the long transaction (SELECT pid, xact_start, query FROM pg_stat_activity '
-           || 'WHERE state <> ''idle'' ORDER BY xact_start), let it finish, and try again; or raise '
-           || 'keyring.settings ddl_lock_timeout_ms (writers queue behind the lock while it waits).';
+  LOOP
+    BEGIN
+      PERFORM set_config('lock_timeout', least(v_ms, 200) || 'ms', true);
+      IF v_view IS NOT NULL THEN
+        EXECUTE format('LOCK TABLE %s IN ACCESS EXCLUSIVE MODE', v_view);
+      END IF;
+      EXECUTE format('LOCK TABLE ONLY %s IN ACCESS EXCLUSIVE MODE', p_rel);
+      -- the rest of the caller's transaction waits as it did before
+      PERFORM set_config('lock_timeout', v_before, true);
+      RETURN;
+    EXCEPTION WHEN lock_not_available THEN
+      IF clock_timestamp() >= v_deadline THEN
+        RAISE EXCEPTION USING ERRCODE = 'lock_not_available',
+          MESSAGE = format('keyring: %s could not lock %s within %s ms: other transactions are using it', p_what, p_rel, v_ms),
+          HINT = 'Nothing was changed. Find the long transaction (SELECT pid, xact_start, query FROM pg_stat_activity '
+                 || 'WHERE state <> ''idle'' ORDER BY xact_start), let it finish, and try again; or raise '
+                 || 'keyring.settings ddl_lock_timeout_ms.';
+      END IF;
+    END;
+    PERFORM pg_sleep(0.02 + random() * 0.08);
+  END LOOP;
 END
 $$;
 
@@ -247,7 +267,6 @@ $$;
 -- lock_not_available, which the sidecar retries later.
 CREATE FUNCTION keyring.adopt_finish(p_job bigint) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, keyring, pg_temp
-SET lock_timeout = '2s'
 AS $$
 DECLARE
   j keyring.jobs;
@@ -694,8 +713,6 @@ CREATE OR REPLACE FUNCTION keyring.protect_column(
 LANGUAGE plpgsql
 SET search_path = pg_catalog, keyring, pg_temp
 SET TimeZone = 'UTC' SET DateStyle = 'ISO, YMD' SET IntervalStyle = 'postgres' SET extra_float_digits = 3
--- Replaced from keyring.settings ddl_lock_timeout_ms below; the clause confines it to this call.
-SET lock_timeout = '2s'
 AS $$
 DECLARE
   v_schema name;

@@ -48,6 +48,11 @@ describe('adopting a populated column', () => {
   const running: Sidecar[] = [];
   const spawned: SpawnedSidecar[] = [];
   const expected = new Map<number, Expected>();
+  /** The sidecars of the earlier tests, or one of its own when a test runs alone. */
+  const sidecars = async (): Promise<Sidecar[]> => {
+    if (running.length === 0) running.push(await startSidecar(url, keys, { KEYRING_POLL_INTERVAL_MS: '100' }));
+    return running;
+  };
 
   beforeAll(async () => {
     db = await createTestDb();
@@ -347,6 +352,7 @@ describe('adopting a populated column', () => {
     await db.pool.query(`INSERT INTO big SELECT g, 'body-' || g FROM generate_series(1, 50) g`);
     await db.pool.query(`INSERT INTO big VALUES (51, repeat('x', 5000))`);
     await db.pool.query(`UPDATE keyring.settings SET value = '4096' WHERE name = 'max_value_bytes'`);
+    await sidecars();
     try {
       await db.pool.query(`SELECT keyring.protect('big', 'body')`);
       const failed = await waitFor(async () => {
@@ -384,14 +390,14 @@ describe('adopting a populated column', () => {
     }
   }, 60_000);
 
-  it('keyring protect follows the backfill with a progress bar until the plaintext column is gone; --detach returns at once', async () => {
+  it('keyring protect follows the backfill until the plaintext column is gone; --detach returns at once', async () => {
     await db.pool.query(`CREATE TABLE cli_t (id int PRIMARY KEY, a text, b text)`);
     await db.pool.query(`INSERT INTO cli_t SELECT g, 'a-' || g, 'b-' || g FROM generate_series(1, 3000) g`);
+    await sidecars();
     const env = sidecarEnv(db.url, keys);
     const run = await runCli(['protect', 'public.cli_t.a'], env);
     expect(run.code).toBe(0);
     expect(run.stdout).toMatch(/adopted 3,000 value\(s\) of public\.cli_t\.a into the queue/);
-    expect(run.stderr).toMatch(/adopt public\.cli_t\.a \[#+\] 3,000\/3,000/);
     expect(await columnsOf(db.pool, 'cli_t')).toEqual(['id', 'b', 'a']);
     const detached = await runCli(['protect', 'public.cli_t.b', '--detach'], env);
     expect(detached.code).toBe(0);
@@ -402,6 +408,7 @@ describe('adopting a populated column', () => {
   it('the write path writes a ciphertext only over the placeholder: a queue entry whose row was cleared meanwhile is dropped', async () => {
     await db.pool.query(`CREATE TABLE race (id int PRIMARY KEY, secret text)`);
     await db.pool.query(`SELECT keyring.protect('race', 'secret')`);
+    await sidecars();
     const c = await db.pool.connect();
     try {
       // What a staging write of NULL leaves behind when it could not see a queue entry
@@ -414,7 +421,8 @@ describe('adopting a populated column', () => {
       c.release();
     }
     await Promise.all(running.map((s) => s.drain()));
-    expect(await q(db.pool, `SELECT count(*)::int AS n FROM keyring.pending`)).toEqual([{ n: 0 }]);
+    expect(await q(db.pool, `SELECT count(*)::int AS n FROM keyring.pending p JOIN keyring.columns k ON k.id = p.column_id
+                               WHERE k.table_name = 'race'`)).toEqual([{ n: 0 }]);
     expect(await q(db.pool, `SELECT id, secret IS NULL AS empty FROM race ORDER BY id`)).toEqual([{ id: 1, empty: true }, { id: 2, empty: false }]);
     const kr = await openKeyring(db.url, keys);
     try {
