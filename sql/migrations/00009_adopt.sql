@@ -17,7 +17,7 @@ ALTER TABLE keyring.jobs DROP CONSTRAINT jobs_kind_check;
 ALTER TABLE keyring.jobs ADD CONSTRAINT jobs_kind_check
   CHECK (kind IN ('rewrap', 'reencrypt', 'reindex', 'shred', 'backfill'));
 
--- How long protect(), unprotect-free DDL of an adoption and its final step wait for their
+-- How long protect() and the last step of an adoption (adopt_finish) wait for their
 -- brief ACCESS EXCLUSIVE lock. Every writer that arrives meanwhile queues behind it, so a
 -- short bound (2 s) is the point; the caller gets a clear error and tries again.
 INSERT INTO keyring.settings (name, value) VALUES ('ddl_lock_timeout_ms', '2000');
