@@ -120,7 +120,12 @@ DECLARE
   v_ins_sql text;
 BEGIN
   SELECT n.nspname, t.relname INTO v_schema, v_table
-    FROM pg_class t JOIN pg_namespace n ON n.oid = t.relnamespace WHERE t.oid = p_rel;
+    FROM pg_class t JOIN pg_namespace n ON n.oid = t.relnamespace WHERE t.oid = p_rel AND t.relkind = 'r';
+  IF NOT FOUND THEN
+    RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+      MESSAGE = format('keyring: install_counters needs a table, not %s', coalesce(p_rel::text, 'NULL')),
+      HINT = 'Pass the protected table, e.g. SELECT keyring.install_counters(''public.customers'').';
+  END IF;
   v_qtable := format('%I.%I', v_schema, v_table);
   -- No write may slip past the counters while they are replaced.
   EXECUTE format('LOCK TABLE ONLY %s IN SHARE ROW EXCLUSIVE MODE', v_qtable);

@@ -49,6 +49,8 @@ const MATRIX: Record<string, Record<Role, readonly Op[]>> = {
   key_inventory: { keyring_writer: [], keyring_auditor: ['SELECT'], keyring_sidecar: [], keyring_admin: ALL },
   rotation_due: { keyring_writer: [], keyring_auditor: ['SELECT'], keyring_sidecar: [], keyring_admin: ALL },
   rotation_progress: { keyring_writer: [], keyring_auditor: ['SELECT'], keyring_sidecar: [], keyring_admin: ALL },
+  // the value_counts migration: the status counters, written by triggers that run as their owner
+  value_counts: { keyring_writer: [], keyring_auditor: [], keyring_sidecar: [], keyring_admin: ALL },
 };
 
 /**
@@ -59,10 +61,12 @@ const MATRIX: Record<string, Record<Role, readonly Op[]>> = {
 const CALLABLE: Record<Role, readonly string[]> = {
   keyring_admin: ['protect', 'unprotect', 'register_key', 'activate_key', 'retire_key', 'disable_key', 'enable_key',
     'destroy_key', 'rotate', 'key_dependents', 'reencrypt', 'shred', 'audit_reveal', 'reveal_allowed',
-    'verify_audit_chain', 'column_status', 'audit_append', 'setting', 'max_value_bytes', 'audit_refusal'],
+    'verify_audit_chain', 'column_status', 'audit_append', 'setting', 'max_value_bytes', 'audit_refusal',
+    'recount', 'check_counts', 'compact_value_counts', 'install_counters'],
   keyring_writer: ['audit_refusal'],
   keyring_auditor: ['column_status', 'verify_audit_chain', 'audit_row_hash', 'audit_refusal'],
-  keyring_sidecar: ['audit_append', 'register_key', 'setting', 'max_value_bytes', 'min_max_value_bytes', 'notify', 'audit_refusal'],
+  keyring_sidecar: ['audit_append', 'register_key', 'setting', 'max_value_bytes', 'min_max_value_bytes', 'notify', 'audit_refusal',
+    'compact_value_counts'],
 };
 
 /**
@@ -71,7 +75,8 @@ const CALLABLE: Record<Role, readonly string[]> = {
  * register_key, which the sidecar calls at start).
  */
 const DBA_ENTRY_POINTS = ['protect', 'unprotect', 'register_key', 'activate_key', 'retire_key', 'disable_key',
-  'enable_key', 'destroy_key', 'rotate', 'key_dependents', 'reencrypt', 'shred', 'audit_reveal', 'reveal_allowed'] as const;
+  'enable_key', 'destroy_key', 'rotate', 'key_dependents', 'reencrypt', 'shred', 'audit_reveal', 'reveal_allowed',
+  'recount', 'check_counts', 'install_counters'] as const;
 
 let db: TestDb;
 const sidecarRole = `kr_sc_roles_${process.pid}`;

@@ -242,6 +242,7 @@ describe('a second protected column regenerates the view and functions for the w
     const fns = await q<{ proname: string; prosecdef: boolean }>(
       `SELECT proname, prosecdef FROM pg_proc WHERE pronamespace = 'keyring'::regnamespace AND proname LIKE 'tg_accounts%' ORDER BY 1`);
     expect(fns).toEqual([
+      { proname: 'tg_accounts__count', prosecdef: true }, // status counters (the value_counts migration)
       { proname: 'tg_accounts__delete', prosecdef: true },
       { proname: 'tg_accounts__insert', prosecdef: true },
       { proname: 'tg_accounts__update', prosecdef: true },
