@@ -423,7 +423,9 @@ CREATE FUNCTION keyring.column_status()
 RETURNS TABLE (column_id integer, table_name text, column_name name, classification text,
                key_version integer, data_key_id bigint, data_keys bigint, "values" bigint,
                pending bigint, oldest_pending_age interval, quarantined bigint, plaintext bigint)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, keyring, pg_temp AS $$
+-- jit off: the correlated lookups make the estimated cost large enough for JIT, whose
+-- compilation took 400 ms of a query that runs in 1 ms (measured on PostgreSQL 15).
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, keyring, pg_temp SET jit = off AS $$
   WITH counts AS (
     SELECT v.column_id, v.bucket, sum(v.n)::bigint AS n
       FROM keyring.value_counts v GROUP BY 1, 2 HAVING sum(v.n) <> 0
@@ -438,12 +440,17 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, keyring, pg_t
   )
   SELECT k.id, k.table_schema || '.' || k.table_name, k.column_name, k.classification,
          v.key_version, CASE WHEN v.data_keys = 1 THEN v.first_key END, coalesce(v.data_keys, 0), coalesce(v.n, 0),
-         coalesce((SELECT c.n FROM counts c WHERE c.column_id = k.id AND c.bucket = 0), 0),
-         (SELECT clock_timestamp() - p.enqueued_at FROM keyring.pending p WHERE p.column_id = k.id ORDER BY p.id LIMIT 1),
+         coalesce(ph.n, 0),
+         -- only for a column with queued values: the head lookup walks the queue in id
+         -- order, and a column with nothing queued would walk all of it
+         CASE WHEN ph.n > 0 THEN
+           (SELECT clock_timestamp() - p.enqueued_at FROM keyring.pending p WHERE p.column_id = k.id ORDER BY p.id LIMIT 1)
+         END,
          (SELECT count(*) FROM keyring.quarantine q WHERE q.column_id = k.id AND q.resolved_at IS NULL),
          coalesce((SELECT c.n FROM counts c WHERE c.column_id = k.id AND c.bucket = -2), 0)
     FROM keyring.columns k
     LEFT JOIN per_version v ON v.column_id = k.id
+    LEFT JOIN counts ph ON ph.column_id = k.id AND ph.bucket = 0
    ORDER BY k.id, v.key_version NULLS FIRST
 $$;
 
