@@ -8,14 +8,19 @@
  */
 import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { blindIndexTerm, deriveIndexKey, parseKeyHex, parseNormalization } from '../../src/crypto/index.js';
+import { processBatch } from '../../sidecar/claim.js';
+import { SidecarMetrics } from '../../sidecar/metrics.js';
+import { blindIndexTerm, deriveIndexKey, IvPool, parseKeyHex, parseNormalization } from '../../src/crypto/index.js';
+import { Db } from '../../src/db/pool.js';
+import { DataKeyCache, IndexKeyCache, matchRootKeys, RootKeyStore } from '../../src/keys/index.js';
+import { silentLogger } from '../../src/log.js';
 import type { Keyring } from '../../src/lib/keyring.js';
 import type { Sidecar } from '../../sidecar/sidecar.js';
 import { auditRows, openLibrary, runCli } from '../helpers/audit.js';
 import { createTestDb, type TestDb } from '../helpers/db.js';
 import {
   activateKeys, createPeopleTable, createSidecarRole, dropRole, fingerprintOf, killSpawned, newKeyHex, newKeys, registerKey,
-  sidecarEnv, spawnReadySidecar, startSidecar, waitFor, type SpawnedSidecar, type TestKeys,
+  sidecarConfig, sidecarEnv, spawnReadySidecar, startSidecar, waitFor, type SpawnedSidecar, type TestKeys,
 } from '../helpers/sidecar.js';
 import { pgError } from '../helpers/sql.js';
 
@@ -342,4 +347,82 @@ describe('index rotation: refusals, superseded jobs, quarantine, SIGKILL', () =>
     expect(await termVersions(db.pool, 'cards', 'pan_bidx')).toEqual([{ v: 3, n: 2999 }]);
     for (const v of [1, 2]) await db.pool.query(`SELECT keyring.retire_key('index', $1)`, [v]);
   }, 120_000);
+});
+
+describe('no term of a version that is no longer active is written (the reindex migration invariant)', () => {
+  let db: TestDb;
+  let url: string;
+  const role = `kr_sidecar_ril_${process.pid}`;
+  const keys = newKeys(1, 2);
+  const v2vouch = (pool: pg.Pool) => q(pool, `INSERT INTO keyring.sidecars (instance_id, fingerprints) VALUES ('vouching', $1)`,
+    [[fingerprintOf(keys.index[1]!, 'index')]]);
+
+  beforeAll(async () => {
+    db = await createTestDb();
+    await activateKeys(db.pool, keys);
+    url = await createSidecarRole(db.pool, db.url, role);
+    await db.pool.query(`CREATE TABLE users (id int PRIMARY KEY, email text)`);
+    await db.pool.query(`SELECT keyring.protect('users', 'email', p_blind_index => true)`);
+  });
+  afterAll(async () => {
+    await db?.drop();
+    await dropRole(role);
+  });
+
+  it('activate_key waits for a transaction that holds the old version; afterwards the lock says "not active"', async () => {
+    await registerKey(db.pool, 'index', keys.index[1]!);
+    await v2vouch(db.pool);
+    const holder = new pg.Client({ connectionString: url });
+    await holder.connect();
+    try {
+      await holder.query('BEGIN');
+      expect((await holder.query('SELECT keyring.lock_index_version(1) AS ok')).rows).toEqual([{ ok: true }]);
+      const dba = await db.pool.connect();
+      try {
+        await dba.query('BEGIN');
+        await dba.query(`SET LOCAL lock_timeout = '300ms'`);
+        expect((await pgError(dba.query(`SELECT keyring.activate_key('index', 2)`))).code).toBe('55P03');
+        await dba.query('ROLLBACK');
+      } finally {
+        dba.release();
+      }
+      await holder.query('COMMIT');
+      await db.pool.query(`SELECT keyring.activate_key('index', 2)`);
+      expect((await holder.query('SELECT keyring.lock_index_version(1) AS ok, keyring.lock_index_version(2) AS ok2')).rows)
+        .toEqual([{ ok: false, ok2: true }]);
+    } finally {
+      await holder.end();
+    }
+  });
+
+  it('a sidecar whose registry is stale cannot write an old-version term: the batch is retried, the row stays queued', async () => {
+    const material = sidecarConfig(url, keys).keys;
+    // The registry as a sidecar saw it before index version 2 was activated.
+    const fresh = matchRootKeys(material, (await q<{ purpose: 'encrypt' | 'index'; version: number; fingerprint: string; state: string }>(db.pool,
+      `SELECT purpose::text AS purpose, version, fingerprint, state::text AS state FROM keyring.root_keys ORDER BY purpose, version`)));
+    const stale = new RootKeyStore(fresh.held.map((h) => (h.purpose === 'index' ? { ...h, state: h.version === 1 ? 'active' : 'pending' } : h)),
+      fresh.registry.map((r) => (r.purpose === 'index' ? { ...r, state: r.version === 1 ? 'active' : 'pending' } : r)), fresh.fingerprints);
+    expect(stale.activeVersion('index')).toBe(1);
+    const logger = silentLogger();
+    const pool = new Db({ connectionString: url, applicationName: 'stale sidecar', connectTimeoutMs: 5000, logger });
+    const ivPool = new IvPool();
+    const ctx = (store: RootKeyStore) => ({
+      db: pool, ivPool, instanceId: 'stale', logger, metrics: new SidecarMetrics('stale'), testDelayMs: 0, batchBytes: 1 << 20,
+      dataKeys: new DataKeyCache({ capacity: 16, rootKeys: () => store, autocommit: (fn) => pool.with(fn), ivPool }),
+      indexKeys: new IndexKeyCache(16, () => store),
+    });
+    try {
+      await db.pool.query(`INSERT INTO users_staging VALUES (1, 'a@example.test')`);
+      const e = await processBatch(ctx(stale), 100).then(() => undefined, (err: unknown) => err as { code?: string; message: string });
+      expect(e?.code).toBe('KEY_UNAVAILABLE');
+      expect(e?.message).toMatch(/index key version 1 is no longer active/);
+      expect(await q(db.pool, 'SELECT email, email_bidx FROM users')).toEqual([{ email: Buffer.from([0]), email_bidx: null }]);
+      expect((await q(db.pool, 'SELECT count(*)::int AS n FROM keyring.pending'))[0]).toEqual({ n: 1 });
+      // With the registry reloaded, the same row gets a version-2 term.
+      expect(await processBatch(ctx(fresh), 100)).toMatchObject({ encrypted: 1 });
+      expect(await termVersions(db.pool, 'users', 'email_bidx')).toEqual([{ v: 2, n: 1 }]);
+    } finally {
+      await pool.close();
+    }
+  });
 });
