@@ -112,8 +112,9 @@ describe('keyring rotate', () => {
     expect(r.stdout).toMatch(/^rewrap job (\d+) \(done\): 0 data key\(s\) to rewrap under encrypt key version 2; follow it with SELECT \* FROM keyring.rotation_progress WHERE job = \1\n$/);
   });
 
-  it('refuses the index root and bad options (exit 2)', async () => {
-    expect((await cli(['rotate', 'index'], env)).code).toBe(2);
+  it('refuses an unknown root and bad options (exit 2)', async () => {
+    expect((await cli(['rotate', 'other'], env)).code).toBe(2);
+    expect((await cli(['rotate', 'index', 'encrypt'], env)).code).toBe(2);
     expect((await cli(['rotate', '--batch-size', '0'], env)).code).toBe(2);
   });
 });
