@@ -165,6 +165,6 @@ describe('keyring key: emergency and end of life', () => {
   it('is listed in keyring --help', async () => {
     const r = await cli(['--help'], env);
     expect(r.stdout).toMatch(/\n {2}key +root key versions: list, activate, retire, disable, enable, destroy\n/);
-    expect(r.stdout).toMatch(/\n {2}rotate +rewrap every data key under the active encrypt root version/);
+    expect(r.stdout).toMatch(/\n {2}rotate +rotate a root key: rewrap data keys under the active encrypt version, or re-index/);
   });
 });
