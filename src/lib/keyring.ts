@@ -112,7 +112,8 @@ export class Keyring {
    * canonical text first, so a lookup matches whatever TZ or format the caller uses.
    */
   async lookupTerms(columnRef: string, value: string | Buffer, opts: { tenant?: string | null } = {}): Promise<Buffer[]> {
-    const col = await loadColumn(this.#pool, columnRef);
+    // Registry and column read side by side: the registry read adds no round trip.
+    const [col, roots] = await Promise.all([loadColumn(this.#pool, columnRef), this.#freshRoots()]);
     if (!col.bidxColumn) {
       throw new KeyringError('NO_BLIND_INDEX', `keyring: ${columnRef} has no blind index; protect it with --blind-index`);
     }
@@ -122,7 +123,6 @@ export class Keyring {
     const tenant = col.tenantColumn ? await this.#canonicalTenant(col, opts.tenant!) : null;
     const bytes = await this.#canonicalBytes(col, value);
     const spec = parseNormalization(col.normalize);
-    const roots = await this.#freshRoots();
     const versions = roots.registry
       .filter((r) => r.purpose === 'index' && LIVE_INDEX_STATES.has(r.state))
       .map((r) => r.version);
@@ -141,9 +141,9 @@ export class Keyring {
   /**
    * The registry as it is now. Read on every lookup, not cached with a TTL: after
    * activate_key commits, sidecars write terms of the new version at once, so a registry
-   * even a second old would let lookups miss those rows. The read is one indexed query on
-   * a table of a few rows (a round trip: measured in test/integration/reindex.test.ts); the
-   * key material is matched again only when the registry changed.
+   * even a second old would let lookups miss those rows. The read is one query on a table
+   * of a few rows, sent alongside the column's (the pool holds 4 connections), so it adds
+   * no round trip; the key material is matched again only when the registry changed.
    */
   async #freshRoots(): Promise<RootKeyStore> {
     const registry = await this.#pool.connect().then(async (c) => {
