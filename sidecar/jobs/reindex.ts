@@ -216,7 +216,7 @@ async function runRange(ctx: ReindexContext, client: pg.ClientBase, job: JobRow)
   if (ctx.testDelayMs > 0) await sleep(ctx.testDelayMs);
   const totals = await finishChunk(client, job.id, chunk.id, n as ChunkCounts, ctx.instanceId);
   if (totals.finished) await finishPass(ctx, client, job, col, totals);
-  else if (n.unavailable > 0) await setUnavailableError(client, job.id);
+  else if (totals.unavailable > 0) await setUnavailableError(client, job.id); // finishChunk words it for a re-encryption
   // Audit last: audit_append holds the chain's lock until commit.
   if (failures.length > 0) {
     await auditDecryption(client, ctx.instanceId, col.id, failures, { via: 'reindex', job: Number(job.id) });
