@@ -347,6 +347,23 @@ describe('index rotation: refusals, superseded jobs, quarantine, SIGKILL', () =>
     expect(await termVersions(db.pool, 'cards', 'pan_bidx')).toEqual([{ v: 3, n: 2999 }]);
     for (const v of [1, 2]) await db.pool.query(`SELECT keyring.retire_key('index', $1)`, [v]);
   }, 120_000);
+
+  it('a term left on another version behind the pass (a lost compare-and-swap) is caught by the final check: another pass', async () => {
+    await sidecar?.stop();
+    sidecar = await startSidecar(url, { encrypt: keys.encrypt, index: [i3] }, { KEYRING_POLL_INTERVAL_MS: '100', KEYRING_TEST_BATCH_DELAY_MS: '150' });
+    const good = (await q<{ b: Buffer }>(db.pool, 'SELECT pan_bidx AS b FROM cards WHERE id = 1'))[0]!.b;
+    // Terms of rows 1..1000 put on another version (as a stale sidecar or a restored backup would).
+    const stale = `'\\x0002'::bytea || substring(pan_bidx FROM 3)`;
+    await db.pool.query(`UPDATE cards SET pan_bidx = ${stale} WHERE id <= 1000`);
+    const [id] = await reindex(db.pool, 100);
+    await waitFor(async () => (await job(db.pool, id!)).done >= 300, { timeoutMs: 30_000, intervalMs: 10, what: 'three ranges' });
+    // Row 1 was done in the first range; its term goes stale again behind the pass.
+    await db.pool.query(`UPDATE cards SET pan_bidx = ${stale} WHERE id = 1`);
+    expect(await finished(db.pool, id!)).toMatchObject({ state: 'done', done: 1001, passes: 2, error: null });
+    expect((await q<{ b: Buffer }>(db.pool, 'SELECT pan_bidx AS b FROM cards WHERE id = 1'))[0]!.b).toEqual(good);
+    expect(await termVersions(db.pool, 'cards', 'pan_bidx')).toEqual([{ v: 3, n: 2999 }]);
+    expect((await auditRows(db.pool, 'rotation.finished')).at(-1)!.detail).toMatchObject({ job: Number(id), passes: 2, left: 0 });
+  }, 120_000);
 });
 
 describe('no term of a version that is no longer active is written (the reindex migration invariant)', () => {
