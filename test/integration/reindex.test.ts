@@ -6,6 +6,7 @@
  * is destroyed. Also: tenant-scoped terms, two sidecars sharing a job, SIGKILL mid-job and
  * resume without redoing finished ranges, refusals, a superseded job, a quarantined value.
  */
+import { randomBytes } from 'node:crypto';
 import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { processBatch } from '../../sidecar/claim.js';
@@ -364,6 +365,22 @@ describe('index rotation: refusals, superseded jobs, quarantine, SIGKILL', () =>
     expect(await termVersions(db.pool, 'cards', 'pan_bidx')).toEqual([{ v: 3, n: 2999 }]);
     expect((await auditRows(db.pool, 'rotation.finished')).at(-1)!.detail).toMatchObject({ job: Number(id), passes: 2, left: 0 });
   }, 120_000);
+
+  it('a value under an encrypt version no live sidecar holds keeps its old term, counted unavailable; the job still ends', async () => {
+    const ev = (await q<{ v: number }>(db.pool, `SELECT keyring.register_key('encrypt', $1) AS v`, [fingerprintOf(newKeyHex(), 'encrypt')]))[0]!.v;
+    const orphan = (await q<{ id: string }>(db.pool,
+      `INSERT INTO keyring.data_keys (column_id, subject, root_version, wrapped, state)
+       SELECT id, 'nobody', $1, $2, 'retired' FROM keyring.columns WHERE table_name = 'cards' RETURNING id::text`, [ev, randomBytes(60)]))[0]!.id;
+    await db.pool.query(`UPDATE cards SET pan = overlay(pan PLACING int8send($1::bigint) FROM 2 FOR 8),
+                                          pan_bidx = '\\x0002'::bytea || substring(pan_bidx FROM 3) WHERE id = 2`, [orphan]);
+    const [id] = await reindex(db.pool, 100);
+    expect(await finished(db.pool, id!)).toMatchObject({ state: 'done', done: 0, unavailable: 1, total: 1, passes: 1,
+      error: '1 term(s) are still on another index version (1 need an encrypt root no live sidecar holds); 0 more belong to quarantined values (SELECT * FROM keyring.quarantine WHERE resolved_at IS NULL)' });
+    expect(await q(db.pool, `SELECT location, n::int FROM keyring.key_dependents('index', 2)`)).toEqual([{ location: 'public.cards.pan_bidx', n: 1 }]);
+    const cli = await runCli(['rotate', 'index', '--batch-size', '100'], sidecarEnv(db.url, keys));
+    expect(cli.code).toBe(1);
+    expect(cli.stderr).toContain('1 left for a missing key version; their terms stay on the old index version, which cannot be retired yet');
+  }, 60_000);
 });
 
 describe('no term of a version that is no longer active is written (the reindex migration invariant)', () => {
