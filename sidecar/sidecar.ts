@@ -27,6 +27,7 @@ import { processBatch, type BatchResult } from './claim.js';
 import { unwrapFailureReporter } from './decrypt-audit.js';
 import { HealthServer, type HealthState } from './health.js';
 import { reencryptHandler } from './jobs/reencrypt.js';
+import { reindexHandler } from './jobs/reindex.js';
 import { rewrapHandler } from './jobs/rewrap.js';
 import { JobRunner } from './jobs/runner.js';
 import { Listener } from './listener.js';
@@ -110,6 +111,9 @@ export class Sidecar {
       }), reencryptHandler({
         db, dataKeys: this.#dataKeys, rootKeys: () => this.#keys, ivPool, instanceId: config.instanceId, logger: log,
         metrics: this.#metrics, testDelayMs: config.testBatchDelayMs,
+      }), reindexHandler({
+        db, dataKeys: this.#dataKeys, indexKeys: this.#indexKeys, rootKeys: () => this.#keys, instanceId: config.instanceId,
+        logger: log, metrics: this.#metrics, testDelayMs: config.testBatchDelayMs,
       })],
     });
   }

@@ -61,21 +61,21 @@ const MATRIX: Record<string, Record<Role, readonly Op[]>> = {
 const CALLABLE: Record<Role, readonly string[]> = {
   keyring_admin: ['protect', 'unprotect', 'register_key', 'activate_key', 'retire_key', 'disable_key', 'enable_key',
     'destroy_key', 'rotate', 'key_dependents', 'reencrypt', 'shred', 'audit_reveal', 'reveal_allowed',
-    'verify_audit_chain', 'column_status', 'audit_append', 'setting', 'max_value_bytes', 'audit_refusal',
-    'recount', 'check_counts', 'compact_value_counts', 'install_counters'],
+    'verify_audit_chain', 'column_status', 'audit_append', 'setting', 'max_value_bytes', 'audit_refusal', 'reindex',
+    'lock_index_version', 'recount', 'check_counts', 'compact_value_counts', 'install_counters'],
   keyring_writer: ['audit_refusal'],
   keyring_auditor: ['column_status', 'verify_audit_chain', 'audit_row_hash', 'audit_refusal'],
   keyring_sidecar: ['audit_append', 'register_key', 'setting', 'max_value_bytes', 'min_max_value_bytes', 'notify', 'audit_refusal',
-    'compact_value_counts'],
+    'lock_index_version', 'compact_value_counts'],
 };
 
 /**
- * The DBA entry points of 00002 and 00005-00007, named so that a renamed or dropped one is
+ * The DBA entry points of 00002, 00005-00007 and the reindex migration, named so that a renamed or dropped one is
  * noticed: each must exist and be refused (42501) to every role but keyring_admin (and
  * register_key, which the sidecar calls at start).
  */
 const DBA_ENTRY_POINTS = ['protect', 'unprotect', 'register_key', 'activate_key', 'retire_key', 'disable_key',
-  'enable_key', 'destroy_key', 'rotate', 'key_dependents', 'reencrypt', 'shred', 'audit_reveal', 'reveal_allowed',
+  'enable_key', 'destroy_key', 'rotate', 'key_dependents', 'reencrypt', 'reindex', 'shred', 'audit_reveal', 'reveal_allowed',
   'recount', 'check_counts', 'install_counters'] as const;
 
 let db: TestDb;
