@@ -1,5 +1,5 @@
 /**
- * Following keyring jobs from the CLI (keyring rotate, reencrypt, protect): one progress
+ * Following keyring jobs from the CLI (keyring rotate [index], reencrypt, protect): one progress
  * bar with rate and ETA read from keyring.rotation_progress until every job ends, and a
  * notice when no sidecar has taken a job for a while.
  */
@@ -15,6 +15,7 @@ const QUEUED_NOTICE_MS = 10_000;
 export interface JobProgress {
   readonly job: string;
   readonly state: 'queued' | 'running' | 'done' | 'failed';
+  readonly purpose: 'encrypt' | 'index' | null;
   /** NULL for a job that needs no key (an adoption's backfill). */
   readonly target_version: number | null;
   readonly column_name: string | null;
@@ -35,7 +36,7 @@ export interface JobProgress {
 
 export async function jobProgress(c: pg.ClientBase, jobs: readonly string[]): Promise<JobProgress[]> {
   const { rows } = await c.query<JobProgress>(
-    `SELECT job::text, state, target_version, column_name, done, total, failed, skipped, quarantined, erased, unavailable,
+    `SELECT job::text, state, purpose::text AS purpose, target_version, column_name, done, total, failed, skipped, quarantined, erased, unavailable,
             rows_per_second, extract(epoch FROM eta)::float8 AS eta_seconds,
             extract(epoch FROM coalesce(finished_at, now()) - started_at)::float8 AS seconds, error
        FROM keyring.rotation_progress WHERE job = ANY($1::bigint[]) ORDER BY job`, [jobs]);
@@ -61,7 +62,7 @@ export async function followJobs(c: pg.ClientBase, jobs: readonly string[], labe
     noticed = true;
     const v = ps[0]?.target_version;
     out.error(`no sidecar has taken job(s) ${jobs.join(', ')} yet: ` +
-      `${v === null || v === undefined ? 'a sidecar' : `one holding encrypt key version ${v}`} must be running (SELECT * FROM keyring.sidecars)`);
+      `${v === null || v === undefined ? 'a sidecar' : `one holding ${ps[0]?.purpose ?? 'encrypt'} key version ${v}`} must be running (SELECT * FROM keyring.sidecars)`);
   };
   // A backfill's total is counted by the sidecar that takes it first.
   while (open() && ps.some((p) => p.total === null)) {

@@ -19,10 +19,13 @@ export async function selectAdoptingColumn(client: pg.ClientBase, columnId: numb
   return rows[0];
 }
 
-/** Sets the job's total once, to the values still in plaintext (a scan, outside any DDL lock). */
+/**
+ * Sets the job's total once, to the values still in plaintext, counted into the status
+ * counters at the same time (keyring.backfill_count: one scan, outside any DDL lock).
+ */
 export async function setBackfillTotal(client: pg.ClientBase, jobId: string, columnId: number): Promise<void> {
   await client.query(
-    `UPDATE keyring.jobs SET total = keyring.plaintext_count($2), started_at = coalesce(started_at, clock_timestamp()),
+    `UPDATE keyring.jobs SET total = keyring.backfill_count($2), started_at = coalesce(started_at, clock_timestamp()),
             state = 'running', updated_at = clock_timestamp()
       WHERE id = $1 AND total IS NULL`, [jobId, columnId]);
 }

@@ -7,11 +7,10 @@
 -- same chunks, sidecar/jobs/backfill.ts): each range's plaintext moves into the queue in
 -- canonical form and its rows get the placeholder, so the ordinary write path encrypts
 -- them. When no plaintext is left, adopt_finish() drops the plaintext column (a brief
--- lock again). Until then keyring.status shows the values still in plaintext.
-
-ALTER TABLE keyring.columns ADD COLUMN plain_column name;
-COMMENT ON COLUMN keyring.columns.plain_column IS
-  'keyring: during an adoption, the column holding the values not moved to the queue yet';
+-- lock again). Until then keyring.status shows the values still in plaintext:
+columns.plain_column (the value_counts migration) names the plaintext column, and the
+status counters count its values (bucket -2) once the first sidecar has counted them
+(keyring.backfill_count, outside any DDL lock); until then status counts them by a scan.
 
 ALTER TABLE keyring.jobs DROP CONSTRAINT jobs_kind_check;
 ALTER TABLE keyring.jobs ADD CONSTRAINT jobs_kind_check
@@ -235,8 +234,9 @@ END
 $$;
 
 -- Values of a column still in plaintext (set aside, not moved to the queue yet); 0 when
--- the column is not under adoption. For keyring.status: exact, by a scan of the table
--- (a later version keeps counters).
+-- the column is not under adoption. Exact, by a scan of the table: adopt_finish() drops
+-- the plaintext column only when this says 0 (never on the strength of a counter), and
+-- keyring.status uses it until the backfill's first step has counted the column.
 CREATE FUNCTION keyring.plaintext_count(p_column_id integer) RETURNS bigint
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, keyring, pg_temp AS $$
 DECLARE
@@ -1016,6 +1016,7 @@ LANGUAGE plpgsql AS $$
 DECLARE
   v_rel regclass := p_table::regclass;
   v_job bigint;
+  v_id integer;
 BEGIN
   IF EXISTS (SELECT 1 FROM keyring.columns k JOIN pg_class t ON t.relname = k.table_name
                JOIN pg_namespace n ON n.oid = t.relnamespace AND n.nspname = k.table_schema
@@ -1030,28 +1031,129 @@ BEGIN
       HINT = 'Follow it with SELECT * FROM keyring.rotation_progress; if the job failed, fix what its error says and run '
              || 'SELECT keyring.backfill(''schema.table.column'') to finish the adoption first.';
   END IF;
+  -- as in the value_counts migration: the counting triggers go first and come back for
+  -- the table's other protected columns
+  EXECUTE format('LOCK TABLE ONLY %s IN ACCESS EXCLUSIVE MODE', v_rel);
+  SELECT k.id INTO v_id FROM keyring.columns k JOIN pg_catalog.pg_class t ON t.relname = k.table_name
+    JOIN pg_catalog.pg_namespace n ON n.oid = t.relnamespace AND n.nspname = k.table_schema
+   WHERE t.oid = v_rel AND k.column_name = p_column;
+  PERFORM keyring.drop_counters(v_rel);
   PERFORM keyring.unprotect_column(v_rel, p_column, p_force);
+  DELETE FROM keyring.value_counts v WHERE v.column_id = v_id;
+  PERFORM keyring.install_counters(v_rel);
 END
 $$;
 
--- keyring.status gains one column at the end: values still in plaintext (an adoption).
-CREATE OR REPLACE VIEW keyring.status AS
-SELECT s.*, keyring.plaintext_count(s.column_id) AS plaintext FROM keyring.column_status() s;
+-- protect(): as in the value_counts migration, but an adoption's column is not recounted
+-- here (that would scan the table under protect's ACCESS EXCLUSIVE lock): its ciphertext
+-- column is new and empty, and its plaintext is counted by the backfill's first step.
+CREATE OR REPLACE FUNCTION keyring.protect(
+  p_table text,
+  p_column name,
+  p_blind_index boolean DEFAULT false,
+  p_normalize text[] DEFAULT ARRAY['none'],
+  p_index_bytes integer DEFAULT 16,
+  p_classification text DEFAULT 'L3 Confidential',
+  p_priority integer DEFAULT 100,
+  p_subject_column name DEFAULT NULL,
+  p_tenant_column name DEFAULT NULL
+) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+  v_rel regclass := p_table::regclass;
+  v_id integer;
+BEGIN
+  v_id := keyring.protect_column(v_rel, p_column, p_blind_index, p_normalize, p_index_bytes,
+                                 p_classification, p_priority, p_subject_column, p_tenant_column);
+  PERFORM keyring.install_counters(v_rel);
+  IF (SELECT k.plain_column FROM keyring.columns k WHERE k.id = v_id) IS NULL THEN
+    PERFORM keyring.recount(v_id);
+  END IF;
+  RETURN v_id;
+END
+$$;
+
+-- Setting or clearing columns.plain_column regenerates the table's counting triggers; it
+-- no longer recounts (a scan, and both protect() and adopt_finish() hold an ACCESS
+-- EXCLUSIVE lock when they change it). Set: the backfill's first step counts the
+-- plaintext (backfill_count). Cleared: the plaintext bucket goes to 0 by a negation (the
+-- column is about to be dropped, and nothing writes the table under that lock).
+-- Setting it by hand: run SELECT keyring.recount(column_id) afterwards.
+CREATE OR REPLACE FUNCTION keyring.tg_columns__plain_column() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, keyring, pg_temp AS $$
+BEGIN
+  PERFORM keyring.install_counters(format('%I.%I', NEW.table_schema, NEW.table_name)::regclass);
+  IF NEW.plain_column IS NULL THEN
+    INSERT INTO keyring.value_counts (column_id, bucket, n)
+    SELECT v.column_id, v.bucket, -sum(v.n) FROM keyring.value_counts v
+     WHERE v.column_id = NEW.id AND v.bucket = -2 GROUP BY 1, 2 HAVING sum(v.n) <> 0;
+  END IF;
+  RETURN NULL;
+END
+$$;
+
+-- The backfill's first step (a sidecar, under the job row lock, no DDL lock): recounts the
+-- column into the status counters (one snapshot, correct while writers run) and returns
+-- the values in plaintext, the job's total.
+CREATE FUNCTION keyring.backfill_count(p_column_id integer) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, keyring, pg_temp AS $$
+BEGIN
+  PERFORM keyring.recount(p_column_id);
+  RETURN (SELECT coalesce(sum(v.n), 0) FROM keyring.value_counts v WHERE v.column_id = p_column_id AND v.bucket = -2);
+END
+$$;
+
+-- keyring.status as in the value_counts migration, except plaintext: from the counters,
+-- or by a scan (plaintext_count) while a backfill job has not counted its column yet.
+CREATE OR REPLACE FUNCTION keyring.column_status()
+RETURNS TABLE (column_id integer, table_name text, column_name name, classification text,
+               key_version integer, data_key_id bigint, data_keys bigint, "values" bigint,
+               pending bigint, oldest_pending_age interval, quarantined bigint, plaintext bigint)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, keyring, pg_temp SET jit = off AS $$
+  WITH counts AS (
+    SELECT v.column_id, v.bucket, sum(v.n)::bigint AS n
+      FROM keyring.value_counts v GROUP BY 1, 2 HAVING sum(v.n) <> 0
+  ), per_version AS (
+    SELECT c.column_id, d.root_version AS key_version,
+           count(*) FILTER (WHERE c.bucket > 0) AS data_keys,
+           min(c.bucket) FILTER (WHERE c.bucket > 0) AS first_key,
+           sum(c.n)::bigint AS n
+      FROM counts c LEFT JOIN keyring.data_keys d ON c.bucket > 0 AND d.id = c.bucket
+     WHERE c.bucket >= -1
+     GROUP BY c.column_id, d.root_version
+  )
+  SELECT k.id, k.table_schema || '.' || k.table_name, k.column_name, k.classification,
+         v.key_version, CASE WHEN v.data_keys = 1 THEN v.first_key END, coalesce(v.data_keys, 0), coalesce(v.n, 0),
+         ph.n,
+         CASE WHEN ph.n > 0 THEN
+           (SELECT clock_timestamp() - p.enqueued_at FROM keyring.pending p WHERE p.column_id = k.id ORDER BY p.id LIMIT 1)
+         END,
+         (SELECT count(*) FROM keyring.quarantine q WHERE q.column_id = k.id AND q.resolved_at IS NULL),
+         CASE WHEN k.plain_column IS NOT NULL
+                   AND EXISTS (SELECT 1 FROM keyring.jobs j WHERE j.kind = 'backfill' AND j.column_id = k.id
+                                  AND j.state IN ('queued', 'running') AND j.total IS NULL)
+              THEN keyring.plaintext_count(k.id)
+              ELSE coalesce((SELECT c.n FROM counts c WHERE c.column_id = k.id AND c.bucket = -2), 0) END
+    FROM keyring.columns k
+    LEFT JOIN per_version v ON v.column_id = k.id
+    CROSS JOIN LATERAL (SELECT count(*)::bigint AS n
+                          FROM (SELECT 1 FROM keyring.pending p WHERE p.column_id = k.id LIMIT 100000) x) ph
+   ORDER BY k.id, v.key_version NULLS FIRST
+$$;
 
 REVOKE EXECUTE ON FUNCTION keyring.lock_for_ddl(regclass, text), keyring.pk_range_sql(name[], text[], text, text, text),
   keyring.start_backfill(integer, integer), keyring.backfill(text, integer),
-  keyring.backfill_range(integer, text, text), keyring.plaintext_count(integer), keyring.adopt_finish(bigint) FROM PUBLIC;
+  keyring.backfill_range(integer, text, text), keyring.plaintext_count(integer), keyring.adopt_finish(bigint),
+  keyring.backfill_count(integer) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION keyring.lock_for_ddl(regclass, text), keyring.pk_range_sql(name[], text[], text, text, text),
   keyring.start_backfill(integer, integer), keyring.backfill(text, integer),
-  keyring.backfill_range(integer, text, text), keyring.plaintext_count(integer), keyring.adopt_finish(bigint)
-  TO keyring_admin;
+  keyring.backfill_range(integer, text, text), keyring.plaintext_count(integer), keyring.adopt_finish(bigint),
+  keyring.backfill_count(integer) TO keyring_admin;
 -- The sidecar runs the ranges (as itself: the guard lets it clear the plaintext column)
 -- and the last step; it queues, so it may now insert into the queue.
 GRANT EXECUTE ON FUNCTION keyring.backfill_range(integer, text, text), keyring.adopt_finish(bigint),
   keyring.pk_range_sql(name[], text[], text, text, text), keyring.row_key_sql(name[], text),
-  keyring.canonical_sql(text, text), keyring.plaintext_count(integer)
+  keyring.canonical_sql(text, text), keyring.backfill_count(integer)
   TO keyring_sidecar;
 GRANT INSERT ON keyring.pending TO keyring_sidecar;
 GRANT USAGE ON SEQUENCE keyring.pending_id_seq TO keyring_sidecar;
-GRANT EXECUTE ON FUNCTION keyring.plaintext_count(integer) TO keyring_auditor;
-GRANT SELECT ON keyring.status TO keyring_auditor;
