@@ -8,9 +8,9 @@
 -- canonical form and its rows get the placeholder, so the ordinary write path encrypts
 -- them. When no plaintext is left, adopt_finish() drops the plaintext column (a brief
 -- lock again). Until then keyring.status shows the values still in plaintext:
-columns.plain_column (the value_counts migration) names the plaintext column, and the
-status counters count its values (bucket -2) once the first sidecar has counted them
-(keyring.backfill_count, outside any DDL lock); until then status counts them by a scan.
+-- columns.plain_column (the value_counts migration) names the plaintext column, and the
+-- status counters count its values (bucket -2) once the first sidecar has counted them
+-- (keyring.backfill_count, outside any DDL lock); until then status counts them by a scan.
 
 ALTER TABLE keyring.jobs DROP CONSTRAINT jobs_kind_check;
 ALTER TABLE keyring.jobs ADD CONSTRAINT jobs_kind_check
