@@ -298,6 +298,9 @@ BEGIN
   v_nn := keyring.fit_name(k.column_name, '_keyring_nn');
   v_had_nn := EXISTS (SELECT 1 FROM pg_constraint co WHERE co.conrelid = v_rel AND co.conname = v_nn);
   v_acl := keyring.drop_staging(v_rel);
+  -- First: the counting triggers are regenerated without the plaintext column (their
+  -- WHEN clause names it, so it could not be dropped) and its bucket goes to 0.
+  UPDATE keyring.columns c SET plain_column = NULL WHERE c.id = k.id;
   -- Drops the two-column NOT NULL check with it.
   EXECUTE format('ALTER TABLE %s DROP COLUMN %I', v_rel, k.plain_column);
   IF v_had_nn THEN
@@ -305,7 +308,6 @@ BEGIN
     -- new row version is checked.
     EXECUTE format('ALTER TABLE %s ADD CONSTRAINT %I CHECK (%I IS NOT NULL) NOT VALID', v_rel, v_nn, k.column_name);
   END IF;
-  UPDATE keyring.columns c SET plain_column = NULL WHERE c.id = k.id;
   -- Values once over the limit were shortened (or the limit raised) and are queued now.
   UPDATE keyring.quarantine q SET resolved_at = clock_timestamp()
    WHERE q.column_id = k.id AND q.reason = 'oversized' AND q.resolved_at IS NULL;
