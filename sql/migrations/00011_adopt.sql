@@ -1105,6 +1105,35 @@ BEGIN
 END
 $$;
 
+-- check_counts as in the value_counts migration, except that the plaintext bucket of a
+-- column whose backfill has not counted it yet (the seconds between protect() and the
+-- job's first step) is not compared: it is not counted yet, and status scans meanwhile.
+CREATE OR REPLACE FUNCTION keyring.check_counts(p_column_id integer DEFAULT NULL)
+RETURNS TABLE (column_id integer, table_name text, column_name name, bucket bigint, what text,
+               counted bigint, actual bigint)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, keyring, pg_temp AS $$
+DECLARE
+  k keyring.columns;
+BEGIN
+  IF p_column_id IS NOT NULL THEN
+    PERFORM keyring.column_for_counts(p_column_id);
+  END IF;
+  FOR k IN SELECT * FROM keyring.columns c WHERE p_column_id IS NULL OR c.id = p_column_id ORDER BY c.id LOOP
+    RETURN QUERY EXECUTE format(
+      'WITH actual AS (%s), '
+      || 'counted AS (SELECT v.bucket, sum(v.n) AS n FROM keyring.value_counts v WHERE v.column_id = $1 GROUP BY 1) '
+      || 'SELECT $1, $2, $3, coalesce(a.bucket, c.bucket), keyring.bucket_label(coalesce(a.bucket, c.bucket)), '
+      || '       coalesce(c.n, 0)::bigint, coalesce(a.n, 0)::bigint '
+      || '  FROM actual a FULL JOIN counted c ON c.bucket = a.bucket '
+      || ' WHERE coalesce(a.n, 0) <> coalesce(c.n, 0) AND NOT (coalesce(a.bucket, c.bucket) = -2 AND $4) ORDER BY 4',
+      keyring.count_values_sql(k))
+    USING k.id, k.table_schema || '.' || k.table_name, k.column_name,
+          EXISTS (SELECT 1 FROM keyring.jobs j WHERE j.kind = 'backfill' AND j.column_id = k.id
+                     AND j.state IN ('queued', 'running') AND j.total IS NULL);
+  END LOOP;
+END
+$$;
+
 -- keyring.status as in the value_counts migration, except plaintext: from the counters,
 -- or by a scan (plaintext_count) while a backfill job has not counted its column yet.
 CREATE OR REPLACE FUNCTION keyring.column_status()

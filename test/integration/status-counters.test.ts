@@ -319,6 +319,7 @@ describe('status counters follow every write', () => {
     // a populated column is adopted: its plaintext is counted (by a scan until the
     // backfill's first step has counted it into the counters)
     expect(await statusOf(db.pool, again)).toEqual({ versions: [], pending: 0, plaintext: 25 });
+    expect(await q(db.pool, 'SELECT * FROM keyring.check_counts($1)', [again])).toEqual([]);
     const s = await start(both());
     await waitFor(async () => (await q<{ state: string }>(db.pool,
       `SELECT state FROM keyring.jobs WHERE kind = 'backfill' AND column_id = $1`, [again]))[0]?.state === 'done',
