@@ -13,9 +13,11 @@ import { auditAppend } from '../src/db/queries/audit-append.js';
 import { claimPending, claimPendingById, fetchValues, type PendingRow } from '../src/db/queries/claim-pending.js';
 import { recordFailure, quarantinePending } from '../src/db/queries/fail-pending.js';
 import { addEncryptions, deletePending } from '../src/db/queries/finish-batch.js';
+import { lockIndexVersion } from '../src/db/queries/reindex-rows.js';
 import { selectColumns, type ColumnRow } from '../src/db/queries/select-columns.js';
 import { updateBaseRows, type BaseRowUpdate, type BaseTable } from '../src/db/queries/update-base-rows.js';
 import { scopeOf, type DataKeyCache, type KeyDemand } from '../src/keys/data-keys.js';
+import { KeyUnavailableError } from '../src/keys/errors.js';
 import type { IndexKeyCache } from '../src/keys/index-keys.js';
 import type { Logger } from '../src/log.js';
 import type { SidecarMetrics } from './metrics.js';
@@ -200,6 +202,14 @@ async function encryptRows(ctx: BatchContext, client: pg.ClientBase, rows: reado
       }
       return { row, col, dataKeyId: dk.id, rootVersion: dk.rootVersion, ciphertext, term, indexVersion };
     });
+    // A term is written only under an index version that is active now, share-locked
+    // until commit (activate_key waits for it): a sidecar whose registry is a moment stale
+    // cannot leave an old-version term behind an index rotation (the reindex migration).
+    for (const v of new Set(sealed.map((s) => s.indexVersion).filter((x) => x !== null))) {
+      if (!(await lockIndexVersion(client, v))) {
+        throw new KeyUnavailableError(`index key version ${v} is no longer active; the batch is retried with the reloaded registry`);
+      }
+    }
     for (const [t, updates] of groupByTable(sealed)) await updateBaseRows(client, t, updates);
     if (ctx.testDelayMs > 0) await sleep(ctx.testDelayMs);
     await deletePending(client, rows.map((r) => r.ctid));

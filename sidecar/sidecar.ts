@@ -14,6 +14,7 @@ import { SchemaVersionError, describeError } from '../src/db/errors.js';
 import { appliedSchemaVersion, knownSchemaVersion } from '../src/db/migrate.js';
 import { Db } from '../src/db/pool.js';
 import { auditAppend } from '../src/db/queries/audit-append.js';
+import { compactValueCounts } from '../src/db/queries/compact-value-counts.js';
 import { queueDepth } from '../src/db/queries/queue-depth.js';
 import { heartbeat, markStopped } from '../src/db/queries/sidecar-heartbeat.js';
 import { DataKeyCache, DEFAULT_MAX_ENCRYPTIONS } from '../src/keys/data-keys.js';
@@ -25,7 +26,9 @@ import { createLogger, type Logger } from '../src/log.js';
 import { processBatch, type BatchResult } from './claim.js';
 import { unwrapFailureReporter } from './decrypt-audit.js';
 import { HealthServer, type HealthState } from './health.js';
+import { backfillHandler } from './jobs/backfill.js';
 import { reencryptHandler } from './jobs/reencrypt.js';
+import { reindexHandler } from './jobs/reindex.js';
 import { rewrapHandler } from './jobs/rewrap.js';
 import { JobRunner } from './jobs/runner.js';
 import { Listener } from './listener.js';
@@ -109,6 +112,11 @@ export class Sidecar {
       }), reencryptHandler({
         db, dataKeys: this.#dataKeys, rootKeys: () => this.#keys, ivPool, instanceId: config.instanceId, logger: log,
         metrics: this.#metrics, testDelayMs: config.testBatchDelayMs,
+      }), backfillHandler({
+        db, instanceId: config.instanceId, logger: log, metrics: this.#metrics, testDelayMs: config.testBatchDelayMs,
+      }), reindexHandler({
+        db, dataKeys: this.#dataKeys, indexKeys: this.#indexKeys, rootKeys: () => this.#keys, instanceId: config.instanceId,
+        logger: log, metrics: this.#metrics, testDelayMs: config.testBatchDelayMs,
       })],
     });
   }
@@ -293,6 +301,21 @@ export class Sidecar {
       await this.#reloadKeys();
     } catch (err) {
       this.#log.warn({ err: { message: describeError(err) } }, 'heartbeat failed');
+    }
+    await this.#compactCounts();
+  }
+
+  /**
+   * Folds the status counters' delta rows (keyring.value_counts) at every heartbeat, so that
+   * keyring.status reads a few rows whatever the write rate. One sidecar at a time (an
+   * advisory lock in the function); a failure only delays the next compaction.
+   */
+  async #compactCounts(): Promise<void> {
+    try {
+      const folded = await this.#db.with((c) => compactValueCounts(c));
+      if (folded > 0) this.#log.debug({ folded }, 'status counters compacted');
+    } catch (err) {
+      this.#log.warn({ err: { message: describeError(err) } }, 'status counter compaction failed; retried at the next heartbeat');
     }
   }
 

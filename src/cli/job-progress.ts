@@ -1,5 +1,5 @@
 /**
- * Following keyring jobs from the CLI (keyring rotate, keyring reencrypt): one progress
+ * Following keyring jobs from the CLI (keyring rotate [index], reencrypt, protect): one progress
  * bar with rate and ETA read from keyring.rotation_progress until every job ends, and a
  * notice when no sidecar has taken a job for a while.
  */
@@ -15,10 +15,13 @@ const QUEUED_NOTICE_MS = 10_000;
 export interface JobProgress {
   readonly job: string;
   readonly state: 'queued' | 'running' | 'done' | 'failed';
-  readonly target_version: number;
+  readonly purpose: 'encrypt' | 'index' | null;
+  /** NULL for a job that needs no key (an adoption's backfill). */
+  readonly target_version: number | null;
   readonly column_name: string | null;
   readonly done: string;
-  readonly total: string;
+  /** NULL until a sidecar has counted it (an adoption's backfill). */
+  readonly total: string | null;
   /** Left behind: data keys that did not unwrap (rewrap); quarantined + unavailable values (re-encryption). */
   readonly failed: string;
   readonly skipped: string;
@@ -33,7 +36,7 @@ export interface JobProgress {
 
 export async function jobProgress(c: pg.ClientBase, jobs: readonly string[]): Promise<JobProgress[]> {
   const { rows } = await c.query<JobProgress>(
-    `SELECT job::text, state, target_version, column_name, done, total, failed, skipped, quarantined, erased, unavailable,
+    `SELECT job::text, state, purpose::text AS purpose, target_version, column_name, done, total, failed, skipped, quarantined, erased, unavailable,
             rows_per_second, extract(epoch FROM eta)::float8 AS eta_seconds,
             extract(epoch FROM coalesce(finished_at, now()) - started_at)::float8 AS seconds, error
        FROM keyring.rotation_progress WHERE job = ANY($1::bigint[]) ORDER BY job`, [jobs]);
@@ -51,21 +54,30 @@ const handled = (p: JobProgress): number =>
  */
 export async function followJobs(c: pg.ClientBase, jobs: readonly string[], label: string, unit: string, out: Out): Promise<JobProgress[]> {
   let ps = await jobProgress(c, jobs);
-  const total = ps.reduce((a, p) => a + Number(p.total ?? 0), 0);
-  const bar = new ProgressBar(label, total, unit);
   const since = Date.now();
   let noticed = false;
   const open = () => ps.some((p) => p.state === 'queued' || p.state === 'running');
+  const notice = () => {
+    if (noticed || Date.now() - since <= QUEUED_NOTICE_MS || ps.some((p) => p.state === 'running')) return;
+    noticed = true;
+    const v = ps[0]?.target_version;
+    out.error(`no sidecar has taken job(s) ${jobs.join(', ')} yet: ` +
+      `${v === null || v === undefined ? 'a sidecar' : `one holding ${ps[0]?.purpose ?? 'encrypt'} key version ${v}`} must be running (SELECT * FROM keyring.sidecars)`);
+  };
+  // A backfill's total is counted by the sidecar that takes it first.
+  while (open() && ps.some((p) => p.total === null)) {
+    notice();
+    await new Promise((res) => setTimeout(res, POLL_MS));
+    ps = await jobProgress(c, jobs);
+  }
+  const total = ps.reduce((a, p) => a + Number(p.total ?? 0), 0);
+  const bar = new ProgressBar(label, total, unit);
   const rate = () => ps.reduce((a, p) => a + (p.state === 'running' ? Number(p.rows_per_second ?? 0) : 0), 0);
   while (open()) {
     const done = ps.reduce((a, p) => a + handled(p), 0);
     const r = rate();
     bar.update(done, false, r > 0 ? { rate: r, etaSeconds: Math.max(0, total - done) / r } : undefined);
-    if (!noticed && Date.now() - since > QUEUED_NOTICE_MS && ps.every((p) => p.state !== 'running')) {
-      noticed = true;
-      const v = ps[0]?.target_version;
-      out.error(`no sidecar has taken job(s) ${jobs.join(', ')} yet: one holding encrypt key version ${v} must be running (SELECT * FROM keyring.sidecars)`);
-    }
+    notice();
     await new Promise((res) => setTimeout(res, POLL_MS));
     ps = await jobProgress(c, jobs);
   }

@@ -138,6 +138,24 @@ export async function resolveRootKeys(
 }
 
 /**
+ * The configured material matched to a registry read just now, with none of
+ * resolveRootKeys' start-up checks: for a long-lived reader (the library) that re-reads
+ * the registry to follow activations; a version it lacks fails only the call that needs it.
+ */
+export function matchRootKeys(material: RootKeyMaterial, registry: readonly RootKeyRow[]): RootKeyStore {
+  const configured = KEY_PURPOSES.flatMap((purpose) =>
+    material[purpose].filter((k) => !k.key.disposed)
+      .map((k) => ({ purpose, label: k.label, key: k.key, fingerprint: fingerprint(k.key, purpose) })),
+  );
+  const held: HeldKey[] = [];
+  for (const c of configured) {
+    const r = registry.find((x) => x.purpose === c.purpose && x.fingerprint === c.fingerprint);
+    if (r) held.push({ purpose: c.purpose, version: r.version, state: r.state, fingerprint: c.fingerprint, label: c.label, key: c.key });
+  }
+  return new RootKeyStore(held, registry, configured.map((c) => c.fingerprint));
+}
+
+/**
  * `material` without the keys of destroyed versions, which are zeroed here: a sidecar
  * drops a destroyed version from memory as soon as the registry says so. Returns
  * `material` itself when nothing was dropped.

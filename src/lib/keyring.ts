@@ -17,8 +17,9 @@ import type { SecretBytes } from '../crypto/index.js';
 import { describeError } from '../db/errors.js';
 import { auditReveal, revealAllowed } from '../db/queries/audit-reveal.js';
 import {
-  DataKeyCache, DataKeyShreddedError, IndexKeyCache, KeyUnavailableError, resolveRootKeys, type RootKeyMaterial, type RootKeyStore,
+  DataKeyCache, DataKeyShreddedError, IndexKeyCache, KeyUnavailableError, matchRootKeys, resolveRootKeys, type RootKeyMaterial, type RootKeyStore,
 } from '../keys/index.js';
+import { selectRootKeys, type RootKeyRow } from '../db/queries/select-root-keys.js';
 import { isTextType, loadColumn, qualified, quoteIdent, rowKeySql, type ProtectedColumn } from './columns.js';
 import { auditDecryption, type ValueProblem } from './decrypt-audit.js';
 import { AuditWriteError, checkRevealRequest, ErasedError, RevealRefusedError, type RevealRequest } from './reveal.js';
@@ -54,16 +55,18 @@ export interface KeyringOptions {
 
 export class Keyring {
   readonly #pool: pg.Pool;
-  readonly #roots: RootKeyStore;
+  #roots: RootKeyStore;
+  readonly #material: RootKeyMaterial;
   readonly #dataKeys: DataKeyCache;
   readonly #indexKeys: IndexKeyCache;
   readonly #actor: string | undefined;
   /** Data keys whose wrapped bytes did not unwrap (an altered keyring.data_keys row). */
   readonly #unwrapFailed = new Set<bigint>();
 
-  private constructor(pool: pg.Pool, roots: RootKeyStore, actor: string | undefined) {
+  private constructor(pool: pg.Pool, roots: RootKeyStore, material: RootKeyMaterial, actor: string | undefined) {
     this.#pool = pool;
     this.#roots = roots;
+    this.#material = material;
     this.#actor = actor;
     this.#dataKeys = new DataKeyCache({
       capacity: 256,
@@ -86,7 +89,7 @@ export class Keyring {
     try {
       const client = await pool.connect();
       try {
-        return new Keyring(pool, await resolveRootKeys(client, opts.keys, { register: false }), opts.actor?.trim() || undefined);
+        return new Keyring(pool, await resolveRootKeys(client, opts.keys, { register: false }), opts.keys, opts.actor?.trim() || undefined);
       } finally {
         client.release();
       }
@@ -109,7 +112,8 @@ export class Keyring {
    * canonical text first, so a lookup matches whatever TZ or format the caller uses.
    */
   async lookupTerms(columnRef: string, value: string | Buffer, opts: { tenant?: string | null } = {}): Promise<Buffer[]> {
-    const col = await loadColumn(this.#pool, columnRef);
+    // Registry and column read side by side: the registry read adds no round trip.
+    const [col, roots] = await Promise.all([loadColumn(this.#pool, columnRef), this.#freshRoots()]);
     if (!col.bidxColumn) {
       throw new KeyringError('NO_BLIND_INDEX', `keyring: ${columnRef} has no blind index; protect it with --blind-index`);
     }
@@ -119,14 +123,35 @@ export class Keyring {
     const tenant = col.tenantColumn ? await this.#canonicalTenant(col, opts.tenant!) : null;
     const bytes = await this.#canonicalBytes(col, value);
     const spec = parseNormalization(col.normalize);
-    const versions = this.#roots.registry
+    const versions = roots.registry
       .filter((r) => r.purpose === 'index' && LIVE_INDEX_STATES.has(r.state))
       .map((r) => r.version);
     if (versions.length === 0) throw new KeyUnavailableError('no index root key version is live');
+    const missing = versions.filter((v) => roots.get('index', v) === undefined);
+    if (missing.length > 0) {
+      throw new KeyUnavailableError(`index key version(s) ${missing.join(', ')} may hold terms but this process was not given their material; ` +
+        'open the Keyring with every live index key (KEYRING_INDEX_KEYS or the key file), or a lookup could miss rows');
+    }
     return versions.map((v) => {
       const k = this.#indexKeys.forVersion(v, col.id, tenant);
       return blindIndexTerm(k.key, v, bytes, spec, col.indexBytes, isTextType(col.dataType));
     });
+  }
+
+  /**
+   * The registry as it is now. Read on every lookup, not cached with a TTL: after
+   * activate_key commits, sidecars write terms of the new version at once, so a registry
+   * even a second old would let lookups miss those rows. The read is one query on a table
+   * of a few rows, sent alongside the column's (the pool holds 4 connections), so it adds
+   * no round trip; the key material is matched again only when the registry changed.
+   */
+  async #freshRoots(): Promise<RootKeyStore> {
+    const registry = await this.#pool.connect().then(async (c) => {
+      try { return await selectRootKeys(c); } finally { c.release(); }
+    });
+    const sig = (rs: readonly RootKeyRow[]) => rs.map((r) => `${r.purpose}:${r.version}:${r.state}:${r.fingerprint}`).join(',');
+    if (sig(registry) !== sig(this.#roots.registry)) this.#roots = matchRootKeys(this.#material, registry);
+    return this.#roots;
   }
 
   /**

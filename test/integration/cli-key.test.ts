@@ -112,8 +112,9 @@ describe('keyring rotate', () => {
     expect(r.stdout).toMatch(/^rewrap job (\d+) \(done\): 0 data key\(s\) to rewrap under encrypt key version 2; follow it with SELECT \* FROM keyring.rotation_progress WHERE job = \1\n$/);
   });
 
-  it('refuses the index root and bad options (exit 2)', async () => {
-    expect((await cli(['rotate', 'index'], env)).code).toBe(2);
+  it('refuses an unknown root and bad options (exit 2)', async () => {
+    expect((await cli(['rotate', 'other'], env)).code).toBe(2);
+    expect((await cli(['rotate', 'index', 'encrypt'], env)).code).toBe(2);
     expect((await cli(['rotate', '--batch-size', '0'], env)).code).toBe(2);
   });
 });
@@ -164,6 +165,6 @@ describe('keyring key: emergency and end of life', () => {
   it('is listed in keyring --help', async () => {
     const r = await cli(['--help'], env);
     expect(r.stdout).toMatch(/\n {2}key +root key versions: list, activate, retire, disable, enable, destroy\n/);
-    expect(r.stdout).toMatch(/\n {2}rotate +rewrap every data key under the active encrypt root version/);
+    expect(r.stdout).toMatch(/\n {2}rotate +rotate a root key: rewrap data keys under the active encrypt version, or re-index/);
   });
 });

@@ -31,7 +31,8 @@ const MATRIX: Record<string, Record<Role, readonly Op[]>> = {
   root_keys: { keyring_writer: [], keyring_auditor: [], keyring_sidecar: ['SELECT'], keyring_admin: ALL },
   data_keys: { keyring_writer: [], keyring_auditor: [], keyring_sidecar: ['SELECT', 'INSERT', 'UPDATE'], keyring_admin: ALL },
   columns: { keyring_writer: [], keyring_auditor: [], keyring_sidecar: ['SELECT'], keyring_admin: ALL },
-  pending: { keyring_writer: [], keyring_auditor: [], keyring_sidecar: ['SELECT', 'UPDATE', 'DELETE'], keyring_admin: ALL },
+  // adopt migration: the sidecar queues the plaintext of an adopted column (backfill_range)
+  pending: { keyring_writer: [], keyring_auditor: [], keyring_sidecar: ['SELECT', 'INSERT', 'UPDATE', 'DELETE'], keyring_admin: ALL },
   quarantine: { keyring_writer: [], keyring_auditor: [], keyring_sidecar: ['SELECT', 'INSERT'], keyring_admin: ALL },
   sidecars: { keyring_writer: [], keyring_auditor: [], keyring_sidecar: ['SELECT', 'INSERT', 'UPDATE'], keyring_admin: ALL },
   settings: { keyring_writer: [], keyring_auditor: ['SELECT'], keyring_sidecar: ['SELECT'], keyring_admin: ALL },
@@ -49,6 +50,8 @@ const MATRIX: Record<string, Record<Role, readonly Op[]>> = {
   key_inventory: { keyring_writer: [], keyring_auditor: ['SELECT'], keyring_sidecar: [], keyring_admin: ALL },
   rotation_due: { keyring_writer: [], keyring_auditor: ['SELECT'], keyring_sidecar: [], keyring_admin: ALL },
   rotation_progress: { keyring_writer: [], keyring_auditor: ['SELECT'], keyring_sidecar: [], keyring_admin: ALL },
+  // the value_counts migration: the status counters, written by triggers that run as their owner
+  value_counts: { keyring_writer: [], keyring_auditor: [], keyring_sidecar: [], keyring_admin: ALL },
 };
 
 /**
@@ -59,19 +62,24 @@ const MATRIX: Record<string, Record<Role, readonly Op[]>> = {
 const CALLABLE: Record<Role, readonly string[]> = {
   keyring_admin: ['protect', 'unprotect', 'register_key', 'activate_key', 'retire_key', 'disable_key', 'enable_key',
     'destroy_key', 'rotate', 'key_dependents', 'reencrypt', 'shred', 'audit_reveal', 'reveal_allowed',
-    'verify_audit_chain', 'column_status', 'audit_append', 'setting', 'max_value_bytes', 'audit_refusal'],
+    'verify_audit_chain', 'column_status', 'audit_append', 'setting', 'max_value_bytes', 'audit_refusal', 'reindex',
+    'lock_index_version', 'recount', 'check_counts', 'compact_value_counts', 'install_counters', 'backfill'],
   keyring_writer: ['audit_refusal'],
   keyring_auditor: ['column_status', 'verify_audit_chain', 'audit_row_hash', 'audit_refusal'],
-  keyring_sidecar: ['audit_append', 'register_key', 'setting', 'max_value_bytes', 'min_max_value_bytes', 'notify', 'audit_refusal'],
+  // adopt migration: the backfill's steps and the SQL-text helpers backfill_range (SECURITY INVOKER) uses
+  keyring_sidecar: ['audit_append', 'register_key', 'setting', 'max_value_bytes', 'min_max_value_bytes', 'notify', 'audit_refusal',
+    'lock_index_version', 'compact_value_counts', 'backfill_range', 'adopt_finish', 'backfill_count', 'pk_range_sql',
+    'row_key_sql', 'canonical_sql'],
 };
 
 /**
- * The DBA entry points of 00002 and 00005-00007, named so that a renamed or dropped one is
+ * The DBA entry points of 00002, 00005-00007 and the reindex migration, named so that a renamed or dropped one is
  * noticed: each must exist and be refused (42501) to every role but keyring_admin (and
  * register_key, which the sidecar calls at start).
  */
 const DBA_ENTRY_POINTS = ['protect', 'unprotect', 'register_key', 'activate_key', 'retire_key', 'disable_key',
-  'enable_key', 'destroy_key', 'rotate', 'key_dependents', 'reencrypt', 'shred', 'audit_reveal', 'reveal_allowed'] as const;
+  'enable_key', 'destroy_key', 'rotate', 'key_dependents', 'reencrypt', 'reindex', 'shred', 'audit_reveal', 'reveal_allowed',
+  'recount', 'check_counts', 'install_counters', 'backfill'] as const;
 
 let db: TestDb;
 const sidecarRole = `kr_sc_roles_${process.pid}`;

@@ -128,7 +128,10 @@ describe('protect() of a populated column', () => {
                ('row-0004', ' ', NULL, 0, NULL)`);
   });
 
-  it('queues every non-null value in canonical form and leaves placeholders', async () => {
+  // A populated column is adopted online (adopt.test.ts): protect() sets the plaintext
+  // aside and a backfill job queues it range by range. These tests run that job's range
+  // function by hand (no sidecar here) and check what the queue receives.
+  it('adopts every non-null value: the backfill queues it in canonical form and leaves placeholders', async () => {
     const client = await db.pool.connect();
     try {
       // protect() queues under UTC / ISO whatever the session says
@@ -138,6 +141,11 @@ describe('protect() of a populated column', () => {
       const id = rows[0]!.id;
       const seenId = (await client.query<{ id: number }>(`SELECT keyring.protect('people', 'seen') AS id`)).rows[0]!.id;
       const amountId = (await client.query<{ id: number }>(`SELECT keyring.protect('people', 'amount') AS id`)).rows[0]!.id;
+      expect(await q(`SELECT count(*)::int AS n FROM keyring.pending`)).toEqual([{ n: 0 }]); // nothing queued under the lock
+      for (const c of [id, seenId, amountId]) {
+        // the range function runs with the canonical settings whatever the session says
+        await client.query(`SELECT * FROM keyring.backfill_range($1, NULL, NULL)`, [c]);
+      }
 
       const pending = await q<{ column_id: number; row_key: string; value: Buffer; subject: string | null }>(
         `SELECT column_id, row_key, value, subject FROM keyring.pending ORDER BY column_id, row_key`);
@@ -195,21 +203,28 @@ describe('protect() of a populated column', () => {
   it('audits the protection without any value', async () => {
     const rows = await q<{ detail: Record<string, unknown> }>(
       `SELECT detail FROM keyring.audit_log WHERE action = 'column.protected' AND detail->>'table' = 'public.people' ORDER BY id`);
-    expect(rows.map((r) => [r.detail.column, r.detail.queued])).toEqual([['national_id', 3], ['seen', 1], ['amount', 2]]);
+    // queued 0: adopted, the values are queued by the backfill job each detail names
+    expect(rows.map((r) => [r.detail.column, r.detail.queued, typeof r.detail.adoption_job])).toEqual(
+      [['national_id', 0, 'number'], ['seen', 0, 'number'], ['amount', 0, 'number']]);
     expect(JSON.stringify(rows)).not.toMatch(/NID-0001/);
     expect(await q(`SELECT * FROM keyring.verify_audit_chain()`)).toEqual([]);
   });
 
-  it('refuses existing values over max_value_bytes, naming count and sizes, never the value', async () => {
+  it('keeps existing values over max_value_bytes in plaintext and quarantines them, never the value', async () => {
     await q(`CREATE TABLE big_values (id int PRIMARY KEY, v text)`);
     await q(`INSERT INTO big_values VALUES (1, repeat('x', 5000)), (2, repeat('y', 6000)), (3, 'ok')`);
     await q(`UPDATE keyring.settings SET value = '4096' WHERE name = 'max_value_bytes'`);
     try {
-      const e = await pgError(q(`SELECT keyring.protect('big_values', 'v')`));
-      expect(e.code).toBe('54000');
-      expect(e.message).toBe(
-        'keyring: 2 values of public.big_values.v are over the maximum of 4096 bytes (the largest is 6000 bytes)');
-      expect(await columnType('big_values', 'v')).toBe('text');
+      const id = (await q<{ id: number }>(`SELECT keyring.protect('big_values', 'v') AS id`))[0]!.id;
+      expect(await q(`SELECT * FROM keyring.backfill_range($1, NULL, NULL)`, [id])).toEqual([{ moved: '1', skipped: '0', oversized: '2' }]);
+      expect(await q(`SELECT row_key, reason, detail FROM keyring.quarantine WHERE column_id = $1 ORDER BY row_key`, [id])).toEqual([
+        { row_key: '1', reason: 'oversized', detail: expect.stringMatching(/over max_value_bytes \(4096\) and stays in v_keyring_plain/) },
+        { row_key: '2', reason: 'oversized', detail: expect.stringMatching(/over max_value_bytes/) },
+      ]);
+      expect(await q(`SELECT id, length(v_keyring_plain) AS n FROM big_values WHERE v_keyring_plain IS NOT NULL ORDER BY id`))
+        .toEqual([{ id: 1, n: 5000 }, { id: 2, n: 6000 }]);
+      expect(JSON.stringify(await q(`SELECT * FROM keyring.quarantine`))).not.toMatch(/xxxx|yyyy/);
+      expect(await columnType('big_values', 'v')).toBe('bytea');
     } finally {
       await q(`UPDATE keyring.settings SET value = '8388608' WHERE name = 'max_value_bytes'`);
     }
@@ -242,6 +257,7 @@ describe('a second protected column regenerates the view and functions for the w
     const fns = await q<{ proname: string; prosecdef: boolean }>(
       `SELECT proname, prosecdef FROM pg_proc WHERE pronamespace = 'keyring'::regnamespace AND proname LIKE 'tg_accounts%' ORDER BY 1`);
     expect(fns).toEqual([
+      { proname: 'tg_accounts__count', prosecdef: true }, // status counters (the value_counts migration)
       { proname: 'tg_accounts__delete', prosecdef: true },
       { proname: 'tg_accounts__insert', prosecdef: true },
       { proname: 'tg_accounts__update', prosecdef: true },
@@ -354,8 +370,8 @@ describe('keyring.status', () => {
     const rows = await q(`SELECT key_version, data_key_id, data_keys, "values", pending, quarantined,
                                  oldest_pending_age > interval '0' AS aged
                             FROM keyring.status WHERE column_id = $1 ORDER BY key_version NULLS FIRST`, [col]);
+    // the three queued values hold the placeholder: pending, not counted as values
     expect(rows).toEqual([
-      { key_version: null, data_key_id: null, data_keys: '0', values: '3', pending: '3', quarantined: '1', aged: true },
       { key_version: v1, data_key_id: dk, data_keys: '1', values: '2', pending: '3', quarantined: '1', aged: true },
     ]);
   });
@@ -378,6 +394,8 @@ describe('without a superuser: a DBA in keyring_admin, the application, the audi
       await dba.query(`CREATE TABLE dba_owned (id serial PRIMARY KEY, name text, secret text)`);
       await dba.query(`INSERT INTO dba_owned (name, secret) VALUES ('before', 'old-secret')`);
       const col = (await dba.query(`SELECT keyring.protect('dba_owned', 'secret', true) AS id`)).rows[0].id;
+      // The row already there is adopted: its backfill range (the sidecar's work) moves it to the queue.
+      await q(`SELECT keyring.backfill_range($1, NULL, NULL)`, [col]);
 
       const ins = await app.query(`INSERT INTO dba_owned_staging (name, secret) VALUES ('row-0001', 'new-secret') RETURNING id, secret`);
       expect(ins.rows).toEqual([{ id: 2, secret: null }]); // serial default through the view, as the writer
@@ -386,13 +404,16 @@ describe('without a superuser: a DBA in keyring_admin, the application, the audi
         .toEqual([{ row_key: '1', v: 'old-secret' }, { row_key: '2', v: 'newer' }]);
       expect((await pgError(app.query(`UPDATE dba_owned SET secret = 'x'::bytea`))).code).toBe('42501');
 
+      // The adoption's last step (the sidecar's, once no plaintext is left) drops the plaintext column.
+      await q(`SELECT keyring.adopt_finish((SELECT id FROM keyring.jobs WHERE kind = 'backfill' AND column_id = $1))`, [col]);
+      expect(await columnType('dba_owned', 'secret_keyring_plain')).toBeUndefined();
       const auditor = await db.pool.connect();
       try {
         await auditor.query('BEGIN; SET LOCAL ROLE keyring_auditor');
         const status = await auditor.query(`SELECT "values", pending FROM keyring.status WHERE column_id = $1`, [col]);
-        expect(status.rows).toEqual([{ values: '2', pending: '2' }]);
+        expect(status.rows).toEqual([{ values: '0', pending: '2' }]);
         expect((await auditor.query(`SELECT count(*)::int AS n FROM keyring.audit_log WHERE column_id = $1`, [col])).rows)
-          .toEqual([{ n: 1 }]);
+          .toEqual([{ n: 3 }]); // column.protected, backfill.started, column.adopted
         expect((await pgError(auditor.query(`SELECT * FROM keyring.pending`))).code).toBe('42501');
       } finally {
         await auditor.query('ROLLBACK');

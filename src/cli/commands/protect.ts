@@ -1,5 +1,6 @@
 import { parse, type Command } from '../command.js';
-import { usageError } from '../errors.js';
+import { CliError, usageError } from '../errors.js';
+import { fmt, followJobs } from '../job-progress.js';
 import { withClient } from '../sql.js';
 
 /** Splits `schema.table.column` (or `table.column`, schema public). */
@@ -16,15 +17,21 @@ export const protectCommand: Command = {
   help: `Usage: keyring protect <schema.table.column> [options]
 
 Turns the column into ciphertext storage (bytea), creates <table>_staging with
-INSTEAD OF triggers, and registers the column with keyring. Values already in the
-column are queued for the sidecar to encrypt.
+INSTEAD OF triggers, and registers the column with keyring.
+
+A column that already holds values is adopted online: the table stays writable (brief
+metadata locks only), the plaintext is set aside and a backfill job, shared by the
+running sidecars, moves it into the queue range by range for the sidecars to encrypt,
+then drops it. A progress bar follows that job until it ends (Ctrl-C stops watching,
+not the job); with --detach the command prints the job id and returns.
 
 Options:
   --blind-index            add <column>_bidx for equality lookups
   --normalize LIST         blind-index normalisation: none | trim,lower,digits,nfc (default none)
   --index-bytes N          blind-index term length in bytes, 4..32 (default 16)
   --classification TEXT    e.g. "L4 Restricted" (default "L3 Confidential")
-  --priority N             re-encryption order, lower first (default 100)`,
+  --priority N             re-encryption order, lower first (default 100)
+  --detach                 do not wait for the backfill of an adopted column`,
   async run(args, env, out) {
     const { values, positionals } = parse(args, {
       'blind-index': { type: 'boolean' },
@@ -32,6 +39,7 @@ Options:
       'index-bytes': { type: 'string' },
       classification: { type: 'string' },
       priority: { type: 'string' },
+      detach: { type: 'boolean' },
     }, true);
     if (positionals.length !== 1) throw usageError('expected exactly one <schema.table.column>');
     const { table, column } = parseColumnRef(positionals[0]!);
@@ -47,7 +55,21 @@ Options:
         [table, column, values['blind-index'] ?? false, normalize, indexBytes,
           values.classification ?? 'L3 Confidential', priority],
       );
-      out.line(`protected ${table}.${column} (column id ${rows[0]?.id}); write plaintext into ${table}_staging`);
+      const id = rows[0]?.id;
+      out.line(`protected ${table}.${column} (column id ${id}); write plaintext into ${table}_staging`);
+      const { rows: jobs } = await client.query<{ job: string }>(
+        `SELECT id::text AS job FROM keyring.jobs WHERE kind = 'backfill' AND column_id = $1 AND state IN ('queued', 'running')`, [id]);
+      const job = jobs[0]?.job;
+      if (job === undefined) return 0;
+      const where = `SELECT * FROM keyring.rotation_progress WHERE job = ${job}`;
+      if (values.detach) {
+        out.line(`adopting the values already stored: backfill job ${job}; follow with ${where}`);
+        return 0;
+      }
+      const [p] = await followJobs(client, [job], `adopt ${table}.${column}`, 'rows', out);
+      if (p!.state === 'failed') throw new CliError('JOB_FAILED', `backfill job ${job} failed: ${p!.error ?? 'no reason recorded'} (${where})`);
+      out.line(`adopted ${fmt(Number(p!.done))} value(s) of ${table}.${column} into the queue in ${(p!.seconds ?? 0).toFixed(1)} s; ` +
+        'the plaintext column is dropped (SELECT * FROM keyring.status shows what the sidecars still have to encrypt)');
       return 0;
     });
   },

@@ -5,6 +5,7 @@ import { formatTable } from '../output.js';
 import { withClient, withKeyring } from '../sql.js';
 
 interface ColumnRef {
+  readonly id: number;
   readonly ref: string;
   readonly schema: string;
   readonly table: string;
@@ -15,10 +16,10 @@ interface ColumnRef {
 const q = (s: string): string => `"${s.replace(/"/g, '""')}"`;
 
 async function columns(c: pg.ClientBase, only: string | undefined): Promise<ColumnRef[]> {
-  const { rows } = await c.query<{ table_schema: string; table_name: string; column_name: string; pk_columns: string[] }>(
-    `SELECT table_schema, table_name, column_name, pk_columns::text[] AS pk_columns FROM keyring.columns ORDER BY priority, id`);
+  const { rows } = await c.query<{ id: number; table_schema: string; table_name: string; column_name: string; pk_columns: string[] }>(
+    `SELECT id, table_schema, table_name, column_name, pk_columns::text[] AS pk_columns FROM keyring.columns ORDER BY priority, id`);
   const all = rows.map((r) => ({
-    ref: `${r.table_schema}.${r.table_name}.${r.column_name}`, schema: r.table_schema, table: r.table_name, column: r.column_name,
+    id: r.id, ref: `${r.table_schema}.${r.table_name}.${r.column_name}`, schema: r.table_schema, table: r.table_name, column: r.column_name,
     pk: r.pk_columns.length === 1 ? `t.${q(r.pk_columns[0]!)}::text` : `json_build_array(${r.pk_columns.map((p) => `t.${q(p)}::text`).join(', ')})::text`,
   }));
   if (only === undefined) return all;
@@ -40,6 +41,19 @@ async function onDeadVersions(c: pg.ClientBase, col: ColumnRef): Promise<{ n: nu
   return { n: rows[0]!.n, versions: rows[0]!.versions ?? '' };
 }
 
+interface CountMismatch {
+  readonly what: string;
+  readonly counted: string;
+  readonly actual: string;
+}
+
+/** Status counters of `col` that differ from a real count of its table (keyring.check_counts). */
+async function countMismatches(c: pg.ClientBase, col: ColumnRef): Promise<CountMismatch[]> {
+  const { rows } = await c.query<CountMismatch>(
+    'SELECT what, counted::text, actual::text FROM keyring.check_counts($1) ORDER BY bucket', [col.id]);
+  return rows;
+}
+
 export const verifyCommand: Command = {
   name: 'verify',
   summary: 'check that every value decrypts under its recorded version and none depends on a retired, destroyed or disabled one',
@@ -51,7 +65,9 @@ decrypt.failed), and every value's data key is checked against the registry: non
 wrapped by a retired, destroyed or disabled encrypt root version. Also checks that no
 data key created after a version was retired is wrapped under it (a retired key cannot
 protect new ciphertext). Queued (not yet encrypted) values and values of shredded
-subjects are counted, not errors.
+subjects are counted, not errors. Also checks that the status counters (keyring.status)
+equal a real count of each table (keyring.check_counts); a mismatch is a problem, and
+SELECT keyring.recount(<column id>) repairs it.
 
 Keys come from KEYRING_ENCRYPT_KEYS / KEYRING_INDEX_KEYS or KEYRING_KEY_FILE, the database
 from DATABASE_URL. Prints a summary table; exit 1 on any problem.`,
@@ -76,11 +92,16 @@ from DATABASE_URL. Prints a summary table; exit 1 on any problem.`,
             .filter((v) => !(v.value === null && v.problem === undefined));
           const failed = vals.filter((v) => v.problem !== undefined && v.problem !== 'pending' && v.problem !== 'erased');
           const dead = await onDeadVersions(c, col);
-          problems += failed.length + dead.n;
+          const counts = await countMismatches(c, col);
+          problems += failed.length + dead.n + counts.length;
+          for (const m of counts) {
+            out.line(`status counter of ${col.ref} is wrong: ${m.what} counted ${m.counted}, actually ${m.actual} ` +
+              `(repair: SELECT keyring.recount(${col.id}))`);
+          }
           table.push({
             column: col.ref, checked: vals.length, ok: vals.filter((v) => v.problem === undefined).length,
             queued: vals.filter((v) => v.problem === 'pending').length, erased: vals.filter((v) => v.problem === 'erased').length,
-            failed: failed.length, on_dead_version: dead.n, dead_versions: dead.versions,
+            failed: failed.length, on_dead_version: dead.n, dead_versions: dead.versions, wrong_counters: counts.length,
             first_failures: failed.slice(0, 3).map((f) => `${f.rowKey} (${f.problem})`).join(', '),
           });
         }
@@ -93,7 +114,7 @@ from DATABASE_URL. Prints a summary table; exit 1 on any problem.`,
         problems += late.reduce((a, l) => a + l.n, 0);
         if (problems > 0) {
           throw new CliError('VERIFY_FAILED', `${problems} problem(s): values that do not decrypt, depend on a retired, destroyed or disabled version, ` +
-            'or data keys made under a retired version (see the table above)');
+            'data keys made under a retired version, or wrong status counters (see above)');
         }
         out.line('verify: every checked value decrypts and depends only on live key versions');
         return 0;

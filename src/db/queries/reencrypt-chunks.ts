@@ -8,31 +8,31 @@ import type pg from 'pg';
 import { KeyringError } from '../../crypto/index.js';
 import type { ColumnRow } from './select-columns.js';
 
-const id = (s: string): string => `"${s.replace(/"/g, '""')}"`;
+export const id = (s: string): string => `"${s.replace(/"/g, '""')}"`;
 const TYPE_RE = /^[A-Za-z0-9_ ."(),[\]]+$/;
 
-function checkTypes(c: ColumnRow): void {
+export function checkTypes(c: ColumnRow): void {
   for (const ty of c.pk_types) {
     if (!TYPE_RE.test(ty)) throw new KeyringError('BAD_REGISTRY', `keyring: primary key type ${JSON.stringify(ty)} of ${c.table_schema}.${c.table_name} is not a type name`);
   }
 }
 
 /** The canonical row key of `t`'s row (as the staging triggers render it). */
-function rowKeyExpr(c: ColumnRow): string {
+export function rowKeyExpr(c: ColumnRow): string {
   if (c.pk_columns.length === 1) return `t.${id(c.pk_columns[0]!)}::text`;
   return `json_build_array(${c.pk_columns.map((p) => `t.${id(p)}::text`).join(', ')})::text`;
 }
 
 /** `(pk) > key($n)` and `(pk) <= key($n)` on the primary key, for a canonical row key parameter. */
-function pkCompare(c: ColumnRow, op: '>' | '<=', param: string): string {
+export function pkCompare(c: ColumnRow, op: '>' | '<=', param: string): string {
   if (c.pk_columns.length === 1) return `t.${id(c.pk_columns[0]!)} ${op} ${param}::${c.pk_types[0]}`;
   const left = c.pk_columns.map((p) => `t.${id(p)}`).join(', ');
   const right = c.pk_types.map((ty, i) => `(${param}::jsonb->>${i})::${ty}`).join(', ');
   return `(${left}) ${op} (${right})`;
 }
 
-const orderBy = (c: ColumnRow): string => c.pk_columns.map((p) => `t.${id(p)}`).join(', ');
-const table = (c: ColumnRow): string => `ONLY ${id(c.table_schema)}.${id(c.table_name)}`;
+export const orderBy = (c: ColumnRow): string => c.pk_columns.map((p) => `t.${id(p)}`).join(', ');
+export const table = (c: ColumnRow): string => `ONLY ${id(c.table_schema)}.${id(c.table_name)}`;
 
 /** Open ranges per job at most (a few per sidecar is plenty). */
 export const MAX_OPEN_CHUNKS = 16;

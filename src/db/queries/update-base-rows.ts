@@ -53,11 +53,16 @@ export function baseUpdateSql(t: BaseTable): string {
     const p = args.length;
     args.push(`$${p + 1}::bool[]`, `$${p + 2}::bytea[]`);
     names.push(`s${i}`, `v${i}`);
-    sets.push(`${id(c.column)} = CASE WHEN u.s${i} THEN u.v${i} ELSE t.${id(c.column)} END`);
+    // The write path writes only over the placeholder: a queue entry whose row was set to
+    // NULL meanwhile (a staging write that could not see the entry yet, e.g. one an
+    // adoption range queued in a transaction still open) must not bring the value back.
+    // Re-encryption (compare-and-swap on the envelope it read) writes over ciphertext.
+    const when = t.compareAndSwap ? `u.s${i}` : `u.s${i} AND t.${id(c.column)} = '\\x00'::bytea`;
+    sets.push(`${id(c.column)} = CASE WHEN ${when} THEN u.v${i} ELSE t.${id(c.column)} END`);
     if (c.bidxColumn !== null) {
       args.push(`$${p + 3}::bytea[]`);
       names.push(`b${i}`);
-      sets.push(`${id(c.bidxColumn)} = CASE WHEN u.s${i} THEN u.b${i} ELSE t.${id(c.bidxColumn)} END`);
+      sets.push(`${id(c.bidxColumn)} = CASE WHEN ${when} THEN u.b${i} ELSE t.${id(c.bidxColumn)} END`);
     }
     if (t.compareAndSwap) {
       args.push(`$${args.length + 1}::bytea[]`);
