@@ -9,9 +9,9 @@
  * and records its counts and closes the range in that same transaction, so a kill -9
  * rolls back the range in hand only and finished rows are never rewritten.
  *
- * Per row, an application write always wins: a row with a queued write is left to the
- * write path (its queue entry is locked first, the write path's lock order), and the
- * UPDATE writes only where the column still holds the bytes read (compare-and-swap).
+ * Per row, an application write always wins: a row with a queued write holds the
+ * placeholder and is left to the write path, and the UPDATE writes only where the column
+ * still holds the bytes read (compare-and-swap), so a write that lands after the read wins.
  * Rows already under a data key of the new generation are skipped (idempotent); a
  * shredded data key's value stays as it is (erased); a value that does not decrypt, or
  * decrypts to another envelope (case C02: one layer only), is quarantined and reported;
@@ -27,7 +27,7 @@ import { auditAppend } from '../../src/db/queries/audit-append.js';
 import type { JobRow } from '../../src/db/queries/claim-job.js';
 import { addEncryptions } from '../../src/db/queries/finish-batch.js';
 import {
-  carveChunk, claimChunk, countClaim, finishChunk, heldByLiveSidecar, lockQueued, quarantineValues, selectChunkRows,
+  carveChunk, claimChunk, countClaim, finishChunk, heldByLiveSidecar, quarantineValues, selectChunkRows,
   selectKeyMeta, type ChunkCounts,
 } from '../../src/db/queries/reencrypt-chunks.js';
 import { selectColumns, type ColumnRow } from '../../src/db/queries/select-columns.js';
@@ -170,9 +170,10 @@ async function runChunk(ctx: ReencryptContext, client: pg.ClientBase, job: JobRo
     ctx.logger.warn({ job: job.id, columnId: col.id, versions: [...missingRoots], rows: n.unavailable },
       'values under an encrypt root version no live sidecar holds were left untouched (not quarantined)');
   }
-  const queued = await lockQueued(client, col.id, candidates.map((c) => c.row_key));
-  const todo = candidates.filter((c) => !queued.has(c.row_key));
-  n.skipped += candidates.length - todo.length;
+  // No look at the queue: a row with a queued write holds the placeholder (the staging
+  // trigger sets it in the write's own transaction, and the write path writes only over
+  // it), which was skipped above or fails the compare-and-swap below.
+  const todo = candidates;
 
   // Old data keys: disabled roots allowed (a re-encryption is what moves values off them).
   const dks = new Map<bigint, DataKey>();

@@ -148,7 +148,12 @@ export class JobRunner {
     await this.#o.db.with(async (client) => {
       await client.query('BEGIN');
       try {
-        await failJob(client, job.id, error, this.#o.instanceId);
+        // Two sidecars can both meet the failure (the job row is free again once the
+        // failing batch rolled back): the one that ends the job audits it, once.
+        if (!(await failJob(client, job.id, error, this.#o.instanceId))) {
+          await client.query('COMMIT');
+          return;
+        }
         await auditAppend(client, {
           action: handler?.failedAction ?? 'job.failed', actor: this.#o.instanceId,
           ...(job.purpose ? { keyPurpose: job.purpose } : {}),

@@ -10,8 +10,10 @@
  *   idle          single-row INSERTs through rot_app's staging view at --app-rate for
  *                 --app-seconds, round trips timed; the sidecars encrypt them meanwhile
  *   keyring       encrypt version 2 activated, keyring.reencrypt(column) called with its
- *                 defaults, the same INSERT load running; from the call until the job is
- *                 done (the sidecar processes share the job)
+ *                 defaults, nothing else running (as the peers); from the call until the
+ *                 job is done (the sidecar processes share the job)
+ *   under load    the same again to encrypt version 3 with the INSERT load of `idle`
+ *                 running: its round trips against idle's, and the rate with the load
  *   rewrap        data keys under version 1 topped up to --data-keys (per-subject keys
  *                 of a column protected with a subject column, wrapped in Node and inserted
  *                 in bulk, as a long-lived deployment accumulates them), then
@@ -52,13 +54,18 @@ export interface RotationOptions {
   readonly naiveBatch: number;
 }
 
+export type KeyringRun = PeerRun & { readonly jobSeconds: number; readonly batchSize: number };
+
 export interface RotationResult {
   readonly o: RotationOptions;
   readonly loadSeconds: number;
   readonly bare: PeerRun;
   readonly naive: PeerRun;
   readonly pgp: PeerRun;
-  readonly keyring: PeerRun & { readonly jobSeconds: number; readonly batchSize: number };
+  /** keyring.reencrypt alone (the figure compared with the peers). */
+  readonly keyring: KeyringRun;
+  /** keyring.reencrypt again, to the next version, with the INSERT load running. */
+  readonly loaded: KeyringRun;
   readonly idle: LoadResult;
   readonly during: LoadResult;
   readonly rewrap: { readonly keys: number; readonly ms: number; readonly jobSeconds: number };
@@ -174,19 +181,21 @@ export async function runRotation(ctx: BenchContext, o: RotationOptions): Promis
   });
   const columnId = await createTables(admin);
   const v2Hex = newBenchKeys().encrypt;
+  const v3Hex = newBenchKeys().encrypt;
   const sidecars: SidecarProcess[] = [];
   const stopAll = async (): Promise<void> => { await Promise.all(sidecars.map((s) => s.stop())); };
   ctx.defer(stopAll);
   try {
-    ctx.progress(`rotation: starting ${o.sidecars} sidecar process${o.sidecars === 1 ? '' : 'es'} (encrypt versions 1 and 2, 2 pending) ...`);
+    ctx.progress(`rotation: starting ${o.sidecars} sidecar process${o.sidecars === 1 ? '' : 'es'} (encrypt versions 1 to 3, 2 and 3 pending) ...`);
     for (let i = 1; i <= o.sidecars; i++) {
       sidecars.push(await startSidecarProcess({
-        databaseUrl: ctx.url, keys: { encrypt: `${ctx.keys.encrypt},${v2Hex}`, index: ctx.keys.index },
+        databaseUrl: ctx.url, keys: { encrypt: `${ctx.keys.encrypt},${v2Hex},${v3Hex}`, index: ctx.keys.index },
         batchSize: ctx.sidecarBatchSize, instanceId: `bench-rotation-${i}`,
       }));
     }
     const v1 = await versionOf(admin, ctx.keys.encrypt);
     const v2 = await versionOf(admin, v2Hex);
+    const v3 = await versionOf(admin, v3Hex);
 
     ctx.progress(`rotation: ${fmtInt(o.rows)} rows through rot_keyring_staging, encrypted under version ${v1}; copies ...`);
     const loadMs = await load(ctx, app, admin, o.rows);
@@ -217,46 +226,69 @@ export async function runRotation(ctx: BenchContext, o: RotationOptions): Promis
     const idle = await runInsertLoad(app, 'rot_app_staging', ctx.data, o.appRate, 1, o.appSeconds);
     await waitEncrypted(admin, 'rot_app');
 
-    await settle(admin);
-    await admin.query('SELECT keyring.activate_key($1, $2)', ['encrypt', v2]);
-    ctx.progress(`rotation: keyring.reencrypt of ${fmtInt(o.rows)} rows under version ${v2}, INSERT load running ...`);
-    const loadDuring = startInsertLoad(app, 'rot_app_staging', ctx.data, o.appRate, 10_000_001);
-    await sleep(200); // the load is at its pace before the job starts
-    const stop = await startCpu(admin, {
-      backends: new Map(), processes: new Map(sidecars.map((s) => [s.pid, 'sidecar (node)'])),
-      appNames: [['keyring sidecar', 'sidecar backends'], ['bench app', 'app backend']],
-    });
-    const t0 = performance.now();
-    const { rows: [call] } = await admin.query<{ ids: string[] }>(
-      o.reencryptBatch === undefined
-        ? `SELECT keyring.reencrypt('public.rot_keyring.national_id') AS ids`
-        : `SELECT keyring.reencrypt('public.rot_keyring.national_id', p_batch_size => ${o.reencryptBatch}) AS ids`);
-    const jobId = String(call!.ids[0]);
-    const { at, job } = await waitJob(admin, jobId);
-    const cpu = await stop();
-    const during = await loadDuring.stop();
-    if (Number(job.done) !== o.rows) throw new Error(`reencrypt job: ${job.done} rows re-encrypted, expected ${o.rows}`);
-    const { rows: [moved] } = await admin.query<{ n: string }>(
-      `SELECT count(*) AS n FROM rot_keyring t JOIN keyring.data_keys d ON d.id = keyring.data_key_id(t.national_id) WHERE d.root_version = $1`, [v2]);
-    if (Number(moved!.n) !== o.rows) throw new Error(`after the job ${moved!.n} rows are under version ${v2}, expected ${o.rows}`);
-    const kms = at - t0;
+    ctx.progress(`rotation: keyring.reencrypt of ${fmtInt(o.rows)} rows under version ${v2}, alone ...`);
+    const keyring = await runReencrypt(admin, sidecars, o, v2);
+
+    ctx.progress(`rotation: keyring.reencrypt of ${fmtInt(o.rows)} rows under version ${v3}, INSERT load running ...`);
+    let loadDuring: ReturnType<typeof startInsertLoad> | undefined;
+    let loaded: KeyringRun;
+    try {
+      loaded = await runReencrypt(admin, sidecars, o, v3, async () => {
+        loadDuring = startInsertLoad(app, 'rot_app_staging', ctx.data, o.appRate, 10_000_001);
+        await sleep(200); // the load is at its pace before the job starts
+      });
+    } catch (err) {
+      await loadDuring?.stop().catch(() => undefined);
+      throw err;
+    }
+    const during = await loadDuring!.stop();
     await waitEncrypted(admin, 'rot_app');
 
     ctx.progress(`rotation: ${fmtInt(o.dataKeys)} data keys under version ${v1}; rewrap ...`);
-    const keys = await topUpDataKeys(admin, ctx.keys.encrypt, v1, v2, o.dataKeys);
+    const keys = await topUpDataKeys(admin, ctx.keys.encrypt, v1, v3, o.dataKeys);
     await settle(admin);
     const r0 = performance.now();
     const { rows: [rot] } = await admin.query<{ id: string }>(`SELECT keyring.rotate('encrypt')::text AS id`);
     const rw = await waitJob(admin, rot!.id);
     if (Number(rw.job.done) !== keys) throw new Error(`rewrap job: ${rw.job.done} keys rewrapped, expected ${keys}`);
     return {
-      o, loadSeconds: loadMs / 1000, bare, naive, pgp, idle, during,
-      keyring: { rows: o.rows, ms: kms, rate: rate(o.rows, kms), cpu, jobSeconds: job.seconds ?? Number.NaN, batchSize: job.batch_size },
+      o, loadSeconds: loadMs / 1000, bare, naive, pgp, idle, during, keyring, loaded,
       rewrap: { keys, ms: rw.at - r0, jobSeconds: rw.job.seconds ?? Number.NaN },
     };
   } finally {
     await stopAll();
   }
+}
+
+/**
+ * Compacts rot_keyring (as the peers' tables were), activates `version` and re-encrypts
+ * the column under it: from the reencrypt() call until the job is seen done, with the CPU
+ * of the sidecars and of every backend. Checks that every row moved.
+ */
+async function runReencrypt(admin: pg.ClientBase, sidecars: readonly SidecarProcess[], o: RotationOptions, version: number,
+  beforeStart?: () => Promise<void>): Promise<KeyringRun> {
+  await admin.query('VACUUM FULL rot_keyring');
+  await admin.query('VACUUM ANALYZE rot_keyring');
+  await settle(admin);
+  await admin.query('SELECT keyring.activate_key($1, $2)', ['encrypt', version]);
+  await beforeStart?.();
+  const stop = await startCpu(admin, {
+    backends: new Map(), processes: new Map(sidecars.map((s) => [s.pid, 'sidecar (node)'])),
+    appNames: [['keyring sidecar', 'sidecar backends'], ['bench app', 'app backend']],
+  });
+  const t0 = performance.now();
+  const { rows: [call] } = await admin.query<{ ids: string[] }>(
+    o.reencryptBatch === undefined
+      ? `SELECT keyring.reencrypt('public.rot_keyring.national_id') AS ids`
+      : `SELECT keyring.reencrypt('public.rot_keyring.national_id', p_batch_size => ${o.reencryptBatch}) AS ids`);
+  const { at, job } = await waitJob(admin, String(call!.ids[0]));
+  const cpu = await stop();
+  if (Number(job.done) !== o.rows) throw new Error(`reencrypt job: ${job.done} rows re-encrypted, expected ${o.rows}`);
+  const { rows: [moved] } = await admin.query<{ n: string }>(
+    `SELECT count(*) AS n FROM rot_keyring t JOIN keyring.data_keys d ON d.id = keyring.data_key_id(t.national_id) WHERE d.root_version = $1`, [version]);
+  if (Number(moved!.n) !== o.rows) throw new Error(`after the job ${moved!.n} rows are under version ${version}, expected ${o.rows}`);
+  const ms = at - t0;
+  return { rows: o.rows, ms, rate: rate(o.rows, ms), cpu, jobSeconds: job.seconds ?? Number.NaN, batchSize: job.batch_size };
 }
 
 const CPU_ORDER = ['peer backend', 'bench (node)', 'app backend', 'sidecar (node)', 'sidecar backends', 'server background', 'other backends'];
@@ -275,6 +307,8 @@ export function formatRotation(r: RotationResult): string {
     [`naive client-side loop (${fmtInt(r.o.naiveBatch)}/batch)`, fmtInt(r.naive.rate), fmtRatio(vsNaive), `≥ ${TARGET_VS_NAIVE.toFixed(2)}x: ${passMiss(vsNaive >= TARGET_VS_NAIVE)}`],
     [`pgcrypto PGP in SQL (${fmtInt(r.o.pgpRows)}-row subset)`, fmtInt(r.pgp.rate), fmtRatio(k / r.pgp.rate), '(none)'],
     [`keyring.reencrypt (${r.o.sidecars} sidecar${r.o.sidecars === 1 ? '' : 's'}, batch ${r.keyring.batchSize})`, fmtInt(k), '', ''],
+    [`  the same with the INSERT load (${r.o.appRate}/s)`, fmtInt(r.loaded.rate),
+      `${fmtRatio(r.loaded.rate / r.bare.rate)} ${fmtRatio(r.loaded.rate / r.naive.rate)}`, '(bare, naive)'],
   ], [44, 10, 11, 16]));
   const l = (x: LoadResult): string => `p50 ${fmtMs(x.latency.p50)} ms, p99 ${fmtMs(x.latency.p99)} ms, max ${fmtMs(x.latency.max)} ms (${fmtInt(x.inserts)} INSERTs` +
     `${x.late > 0 ? `, ${x.late} late` : ''})`;
@@ -287,10 +321,12 @@ export function formatRotation(r: RotationResult): string {
     `${fmtInt(rate(r.rewrap.keys, r.rewrap.ms))} keys/s (target < ${TARGET_REWRAP_S} s: ${passMiss(rs < TARGET_REWRAP_S)})`);
   lines.push('');
   lines.push(`notes: keyring time runs from the reencrypt() call until the job is seen done (${(r.keyring.ms / 1000).toFixed(2)} s; ` +
-    `the job's own started→finished ${r.keyring.jobSeconds.toFixed(2)} s), with the INSERT load running; peers ran alone.`);
+    `the job's own started→finished ${r.keyring.jobSeconds.toFixed(2)} s); it ran alone, as the peers did.`);
+  lines.push(`       "with the INSERT load": a second re-encryption of the same rows (to the next version) while the application`);
+  lines.push(`       INSERTs of "during rotation" run (${(r.loaded.ms / 1000).toFixed(2)} s).`);
   lines.push(`       pgcrypto is measured on ${fmtInt(r.o.pgpRows)} rows only (it would take minutes on ${fmtInt(r.o.rows)}); its rate does not depend on the table size.`);
   lines.push(`       setup: ${fmtInt(r.o.rows)} rows through the staging view and encrypted by the sidecars in ${r.loadSeconds.toFixed(1)} s.`);
-  const cpu: [string, PeerRun][] = [['bare', r.bare], ['naive', r.naive], ['pgcrypto', r.pgp], ['keyring', r.keyring]];
+  const cpu: [string, PeerRun][] = [['bare', r.bare], ['naive', r.naive], ['pgcrypto', r.pgp], ['keyring', r.keyring], ['+ load', r.loaded]];
   if (cpu.some(([, p]) => p.cpu)) {
     lines.push('', 'CPU per process group (from /proc; µs per row of the measurement):');
     for (const [name, p] of cpu) if (p.cpu) lines.push(`${name.padEnd(9)} ${formatCpu(p.cpu as CpuReport, p.rows, CPU_ORDER)}`);

@@ -29,12 +29,16 @@ export async function advanceJob(client: pg.ClientBase, id: string, a: JobAdvanc
   return rows[0]!;
 }
 
-/** Ends a job that cannot go on (superseded target, unsupported kind, a bug): it must not be retried forever. */
-export async function failJob(client: pg.ClientBase, id: string, error: string, instanceId: string): Promise<void> {
-  await client.query(
+/**
+ * Ends a job that cannot go on (superseded target, unsupported kind, a bug): it must not be
+ * retried forever. False when the job had already ended (another sidecar failed it first).
+ */
+export async function failJob(client: pg.ClientBase, id: string, error: string, instanceId: string): Promise<boolean> {
+  const r = await client.query(
     `UPDATE keyring.jobs SET state = 'failed', error = $2, claimed_by = $3, updated_at = clock_timestamp(),
             finished_at = clock_timestamp()
       WHERE id = $1 AND state IN ('queued', 'running')`,
     [id, error, instanceId],
   );
+  return (r.rowCount ?? 0) > 0;
 }
