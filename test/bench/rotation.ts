@@ -14,6 +14,8 @@
  *                 job is done (the sidecar processes share the job)
  *   under load    the same again to encrypt version 3 with the INSERT load of `idle`
  *                 running: its round trips against idle's, and the rate with the load
+ *   throttled     the same again to encrypt version 4 with p_rows_per_second (by default
+ *                 half the rate under load): what the rate limit buys the application
  *   rewrap        data keys under version 1 topped up to --data-keys (per-subject keys
  *                 of a column protected with a subject column, wrapped in Node and inserted
  *                 in bulk, as a long-lived deployment accumulates them), then
@@ -52,6 +54,8 @@ export interface RotationOptions {
   readonly reencryptBatch: number | undefined;
   /** Rows per batch of the naive loop. */
   readonly naiveBatch: number;
+  /** p_rows_per_second of the throttled run; undefined: half the loaded run's rate. */
+  readonly throttledRate: number | 'off' | undefined;
 }
 
 export type KeyringRun = PeerRun & { readonly jobSeconds: number; readonly batchSize: number };
@@ -68,6 +72,8 @@ export interface RotationResult {
   readonly loaded: KeyringRun;
   readonly idle: LoadResult;
   readonly during: LoadResult;
+  /** keyring.reencrypt with p_rows_per_second, the INSERT load running. */
+  readonly throttled?: { readonly run: KeyringRun; readonly during: LoadResult; readonly limit: number };
   readonly rewrap: { readonly keys: number; readonly ms: number; readonly jobSeconds: number };
 }
 
@@ -182,20 +188,22 @@ export async function runRotation(ctx: BenchContext, o: RotationOptions): Promis
   const columnId = await createTables(admin);
   const v2Hex = newBenchKeys().encrypt;
   const v3Hex = newBenchKeys().encrypt;
+  const v4Hex = newBenchKeys().encrypt;
   const sidecars: SidecarProcess[] = [];
   const stopAll = async (): Promise<void> => { await Promise.all(sidecars.map((s) => s.stop())); };
   ctx.defer(stopAll);
   try {
-    ctx.progress(`rotation: starting ${o.sidecars} sidecar process${o.sidecars === 1 ? '' : 'es'} (encrypt versions 1 to 3, 2 and 3 pending) ...`);
+    ctx.progress(`rotation: starting ${o.sidecars} sidecar process${o.sidecars === 1 ? '' : 'es'} (encrypt versions 1 to 4, 2 to 4 pending) ...`);
     for (let i = 1; i <= o.sidecars; i++) {
       sidecars.push(await startSidecarProcess({
-        databaseUrl: ctx.url, keys: { encrypt: `${ctx.keys.encrypt},${v2Hex},${v3Hex}`, index: ctx.keys.index },
+        databaseUrl: ctx.url, keys: { encrypt: `${ctx.keys.encrypt},${v2Hex},${v3Hex},${v4Hex}`, index: ctx.keys.index },
         batchSize: ctx.sidecarBatchSize, instanceId: `bench-rotation-${i}`,
       }));
     }
     const v1 = await versionOf(admin, ctx.keys.encrypt);
     const v2 = await versionOf(admin, v2Hex);
     const v3 = await versionOf(admin, v3Hex);
+    const v4 = await versionOf(admin, v4Hex);
 
     ctx.progress(`rotation: ${fmtInt(o.rows)} rows through rot_keyring_staging, encrypted under version ${v1}; copies ...`);
     const loadMs = await load(ctx, app, admin, o.rows);
@@ -230,29 +238,42 @@ export async function runRotation(ctx: BenchContext, o: RotationOptions): Promis
     const keyring = await runReencrypt(admin, sidecars, o, v2);
 
     ctx.progress(`rotation: keyring.reencrypt of ${fmtInt(o.rows)} rows under version ${v3}, INSERT load running ...`);
-    let loadDuring: ReturnType<typeof startInsertLoad> | undefined;
-    let loaded: KeyringRun;
-    try {
-      loaded = await runReencrypt(admin, sidecars, o, v3, async () => {
-        loadDuring = startInsertLoad(app, 'rot_app_staging', ctx.data, o.appRate, 10_000_001);
-        await sleep(200); // the load is at its pace before the job starts
-      });
-    } catch (err) {
-      await loadDuring?.stop().catch(() => undefined);
-      throw err;
+    const underLoad = async (version: number, firstId: number, limit?: number): Promise<[KeyringRun, LoadResult]> => {
+      let loadDuring: ReturnType<typeof startInsertLoad> | undefined;
+      let run: KeyringRun;
+      try {
+        run = await runReencrypt(admin, sidecars, o, version, async () => {
+          loadDuring = startInsertLoad(app, 'rot_app_staging', ctx.data, o.appRate, firstId);
+          await sleep(200); // the load is at its pace before the job starts
+        }, limit);
+      } catch (err) {
+        await loadDuring?.stop().catch(() => undefined);
+        throw err;
+      }
+      const during = await loadDuring!.stop();
+      await waitEncrypted(admin, 'rot_app');
+      return [run, during];
+    };
+    const [loaded, during] = await underLoad(v3, 10_000_001);
+    let throttled: RotationResult['throttled'];
+    let last = v3;
+    if (o.throttledRate !== 'off') {
+      const limit = o.throttledRate ?? Math.max(1000, Math.floor(loaded.rate / 2 / 1000) * 1000);
+      ctx.progress(`rotation: keyring.reencrypt under version ${v4}, p_rows_per_second => ${limit}, INSERT load running ...`);
+      const [run, d] = await underLoad(v4, 20_000_001, limit);
+      throttled = { run, during: d, limit };
+      last = v4;
     }
-    const during = await loadDuring!.stop();
-    await waitEncrypted(admin, 'rot_app');
 
     ctx.progress(`rotation: ${fmtInt(o.dataKeys)} data keys under version ${v1}; rewrap ...`);
-    const keys = await topUpDataKeys(admin, ctx.keys.encrypt, v1, v3, o.dataKeys);
+    const keys = await topUpDataKeys(admin, ctx.keys.encrypt, v1, last, o.dataKeys);
     await settle(admin);
     const r0 = performance.now();
     const { rows: [rot] } = await admin.query<{ id: string }>(`SELECT keyring.rotate('encrypt')::text AS id`);
     const rw = await waitJob(admin, rot!.id);
     if (Number(rw.job.done) !== keys) throw new Error(`rewrap job: ${rw.job.done} keys rewrapped, expected ${keys}`);
     return {
-      o, loadSeconds: loadMs / 1000, bare, naive, pgp, idle, during, keyring, loaded,
+      o, loadSeconds: loadMs / 1000, bare, naive, pgp, idle, during, keyring, loaded, ...(throttled ? { throttled } : {}),
       rewrap: { keys, ms: rw.at - r0, jobSeconds: rw.job.seconds ?? Number.NaN },
     };
   } finally {
@@ -266,7 +287,7 @@ export async function runRotation(ctx: BenchContext, o: RotationOptions): Promis
  * of the sidecars and of every backend. Checks that every row moved.
  */
 async function runReencrypt(admin: pg.ClientBase, sidecars: readonly SidecarProcess[], o: RotationOptions, version: number,
-  beforeStart?: () => Promise<void>): Promise<KeyringRun> {
+  beforeStart?: () => Promise<void>, rowsPerSecond?: number): Promise<KeyringRun> {
   await admin.query('VACUUM FULL rot_keyring');
   await admin.query('VACUUM ANALYZE rot_keyring');
   await settle(admin);
@@ -277,10 +298,12 @@ async function runReencrypt(admin: pg.ClientBase, sidecars: readonly SidecarProc
     appNames: [['keyring sidecar', 'sidecar backends'], ['bench app', 'app backend']],
   });
   const t0 = performance.now();
+  const args = [
+    ...(o.reencryptBatch === undefined ? [] : [`p_batch_size => ${o.reencryptBatch}`]),
+    ...(rowsPerSecond === undefined ? [] : [`p_rows_per_second => ${rowsPerSecond}`]),
+  ];
   const { rows: [call] } = await admin.query<{ ids: string[] }>(
-    o.reencryptBatch === undefined
-      ? `SELECT keyring.reencrypt('public.rot_keyring.national_id') AS ids`
-      : `SELECT keyring.reencrypt('public.rot_keyring.national_id', p_batch_size => ${o.reencryptBatch}) AS ids`);
+    `SELECT keyring.reencrypt(${['\'public.rot_keyring.national_id\'', ...args].join(', ')}) AS ids`);
   const { at, job } = await waitJob(admin, String(call!.ids[0]));
   const cpu = await stop();
   if (Number(job.done) !== o.rows) throw new Error(`reencrypt job: ${job.done} rows re-encrypted, expected ${o.rows}`);
@@ -316,6 +339,13 @@ export function formatRotation(r: RotationResult): string {
   lines.push(`  idle             ${l(r.idle)}`);
   lines.push(`  during rotation  ${l(r.during)}`);
   lines.push(`  p99 ratio ${fmtRatio(p99)} (target < ${TARGET_P99_RATIO.toFixed(2)}x: ${passMiss(p99 < TARGET_P99_RATIO)})`);
+  if (r.throttled) {
+    const t = r.throttled;
+    const tp99 = t.during.latency.p99 / r.idle.latency.p99;
+    lines.push(`  rate-limited     ${l(t.during)}`);
+    lines.push(`    keyring.reencrypt with p_rows_per_second => ${fmtInt(t.limit)}: ${fmtInt(t.run.rate)} rows/s, ` +
+      `p99 ratio ${fmtRatio(tp99)} (${passMiss(tp99 < TARGET_P99_RATIO)} with the limit)`);
+  }
   const rs = r.rewrap.ms / 1000;
   lines.push(`rewrap of ${fmtInt(r.rewrap.keys)} data keys (keyring.rotate('encrypt')): ${rs.toFixed(2)} s, ` +
     `${fmtInt(rate(r.rewrap.keys, r.rewrap.ms))} keys/s (target < ${TARGET_REWRAP_S} s: ${passMiss(rs < TARGET_REWRAP_S)})`);
@@ -324,9 +354,14 @@ export function formatRotation(r: RotationResult): string {
     `the job's own started→finished ${r.keyring.jobSeconds.toFixed(2)} s); it ran alone, as the peers did.`);
   lines.push(`       "with the INSERT load": a second re-encryption of the same rows (to the next version) while the application`);
   lines.push(`       INSERTs of "during rotation" run (${(r.loaded.ms / 1000).toFixed(2)} s).`);
+  if (r.throttled) {
+    lines.push(`       "rate-limited": a third one (to the next version) with p_rows_per_second => ${fmtInt(r.throttled.limit)} and the same INSERTs`);
+    lines.push(`       running (${(r.throttled.run.ms / 1000).toFixed(2)} s); its CPU below includes the sidecars' work on those INSERTs, over a longer time.`);
+  }
   lines.push(`       pgcrypto is measured on ${fmtInt(r.o.pgpRows)} rows only (it would take minutes on ${fmtInt(r.o.rows)}); its rate does not depend on the table size.`);
   lines.push(`       setup: ${fmtInt(r.o.rows)} rows through the staging view and encrypted by the sidecars in ${r.loadSeconds.toFixed(1)} s.`);
-  const cpu: [string, PeerRun][] = [['bare', r.bare], ['naive', r.naive], ['pgcrypto', r.pgp], ['keyring', r.keyring], ['+ load', r.loaded]];
+  const cpu: [string, PeerRun][] = [['bare', r.bare], ['naive', r.naive], ['pgcrypto', r.pgp], ['keyring', r.keyring], ['+ load', r.loaded],
+    ...(r.throttled ? [['+ limit', r.throttled.run] as [string, PeerRun]] : [])];
   if (cpu.some(([, p]) => p.cpu)) {
     lines.push('', 'CPU per process group (from /proc; µs per row of the measurement):');
     for (const [name, p] of cpu) if (p.cpu) lines.push(`${name.padEnd(9)} ${formatCpu(p.cpu as CpuReport, p.rows, CPU_ORDER)}`);

@@ -46,6 +46,8 @@ rotation section:
   --pgp-rows N          rows of the pgcrypto subset (default 5000)
   --app-rate R          application INSERTs per second, idle and during rotation (default 200)
   --app-seconds S       seconds of the idle latency measurement (default 10)
+  --throttled-rate R    p_rows_per_second of a third re-encryption under the INSERT load
+                        (default: half the rate of the unthrottled one; 'off' skips it)
   --data-keys N         data keys rewrapped by keyring.rotate('encrypt') (default 100000)
 environment: DATABASE_URL=postgres://... runs on that server (a fresh database is created
 and dropped); without it an embedded PostgreSQL is started in a temp dir.`;
@@ -133,6 +135,7 @@ async function main(): Promise<number> {
         'pgp-rows': { type: 'string' },
         'app-rate': { type: 'string' },
         'app-seconds': { type: 'string' },
+        'throttled-rate': { type: 'string' },
         'data-keys': { type: 'string' },
         help: { type: 'boolean', short: 'h', default: false },
       },
@@ -167,6 +170,8 @@ async function main(): Promise<number> {
       appRate: positiveInt('app-rate', args['app-rate'], 200),
       appSeconds: positiveInt('app-seconds', args['app-seconds'], 10),
       dataKeys: positiveInt('data-keys', args['data-keys'], 100_000),
+      throttledRate: args['throttled-rate'] === 'off' ? 'off'
+        : args['throttled-rate'] === undefined ? undefined : positiveInt('throttled-rate', args['throttled-rate'], 0),
     };
     rows = positiveInt('rows', args.rows, 100_000);
     sidecarBatchSize = positiveInt('batch-size', args['batch-size'], 1000);
