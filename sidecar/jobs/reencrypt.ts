@@ -237,18 +237,23 @@ async function runChunk(ctx: ReencryptContext, client: pg.ClientBase, job: JobRo
   try {
     for (let i = 0; i < todo.length; i += SEAL_PART) {
       const opened = await openPart(ctx, client, col, todo.slice(i, i + SEAL_PART), dks, keyProblems, n, failures);
-      const updates = opened.map((o) => {
-        if (!dk || o.subject !== dkSubject) {
-          countDk();
-          dk = fresh.get(scopeOf(col.id, o.subject))!;
-          dkSubject = o.subject;
-          if (dk.rootVersion !== target) throw new KeyUnavailableError(`encrypt key version ${target} stopped being active during a re-encryption range; retrying`);
-        }
-        dkCount++;
-        const ciphertext = sealValue(dk.key, dk.id, col.id, o.row_key, o.plain, ctx.ivPool);
-        o.plain.fill(0);
-        return { rowKey: o.row_key, values: [{ ciphertext, term: null, expected: o.ct }] };
-      });
+      let updates;
+      try {
+        updates = opened.map((o) => {
+          if (!dk || o.subject !== dkSubject) {
+            countDk();
+            dk = fresh.get(scopeOf(col.id, o.subject))!;
+            dkSubject = o.subject;
+            if (dk.rootVersion !== target) throw new KeyUnavailableError(`encrypt key version ${target} stopped being active during a re-encryption range; retrying`);
+          }
+          dkCount++;
+          const ciphertext = sealValue(dk.key, dk.id, col.id, o.row_key, o.plain, ctx.ivPool);
+          o.plain.fill(0);
+          return { rowKey: o.row_key, values: [{ ciphertext, term: null, expected: o.ct }] };
+        });
+      } finally {
+        for (const o of opened) o.plain.fill(0); // the rest of the part when a seal threw
+      }
       countDk();
       sealed += updates.length;
       if (inFlight) written += await inFlight;
@@ -323,41 +328,50 @@ async function openPart(
 ): Promise<Opened[]> {
   const opened: (Opened & { readonly rootVersion: number })[] = [];
   const nestedSuspects = new Map<number, bigint>();
-  let lastId: bigint | undefined;
-  let kp: 'erased' | 'data_key_unwrap' | undefined;
-  let dk: DataKey | undefined;
-  for (const t of part) {
-    if (t.keyId !== lastId) {
-      lastId = t.keyId;
-      kp = keyProblems.get(t.keyId);
-      dk = dks.get(t.keyId);
-    }
-    if (kp === 'erased') { n.erased++; continue; }
-    const known = { dataKeyId: t.keyId, rootVersion: t.rootVersion };
-    if (kp) { failures.push({ rowKey: t.row_key, value: null, problem: kp, ...known }); continue; }
-    try {
-      const plain = openValue(dk!.key, col.id, t.row_key, t.ct);
-      if (looksLikeEnvelope(plain)) {
-        const inner = safeKeyId(plain);
-        if (inner !== null) nestedSuspects.set(opened.length, inner);
+  try {
+    return await openAll();
+  } catch (err) {
+    for (const o of opened) o.plain.fill(0); // nothing decrypted outlives a failed part
+    throw err;
+  }
+
+  async function openAll(): Promise<Opened[]> {
+    let lastId: bigint | undefined;
+    let kp: 'erased' | 'data_key_unwrap' | undefined;
+    let dk: DataKey | undefined;
+    for (const t of part) {
+      if (t.keyId !== lastId) {
+        lastId = t.keyId;
+        kp = keyProblems.get(t.keyId);
+        dk = dks.get(t.keyId);
       }
-      opened.push({ row_key: t.row_key, subject: t.subject, plain, ct: t.ct, rootVersion: t.rootVersion });
-    } catch (err) {
-      if (!(err instanceof DecryptError)) throw err;
-      failures.push({ rowKey: t.row_key, value: null, problem: err.reason ?? 'auth', ...known });
+      if (kp === 'erased') { n.erased++; continue; }
+      const known = { dataKeyId: t.keyId, rootVersion: t.rootVersion };
+      if (kp) { failures.push({ rowKey: t.row_key, value: null, problem: kp, ...known }); continue; }
+      try {
+        const plain = openValue(dk!.key, col.id, t.row_key, t.ct);
+        if (looksLikeEnvelope(plain)) {
+          const inner = safeKeyId(plain);
+          if (inner !== null) nestedSuspects.set(opened.length, inner);
+        }
+        opened.push({ row_key: t.row_key, subject: t.subject, plain, ct: t.ct, rootVersion: t.rootVersion });
+      } catch (err) {
+        if (!(err instanceof DecryptError)) throw err;
+        failures.push({ rowKey: t.row_key, value: null, problem: err.reason ?? 'auth', ...known });
+      }
     }
+    if (nestedSuspects.size === 0) return opened;
+    // Case C02 invariant: a plaintext that is itself an envelope naming an existing data key
+    // is ciphertext encrypted twice; it is reported, never sealed once more.
+    const existing = await selectKeyMeta(client, [...new Set(nestedSuspects.values())]);
+    const nested = new Set<number>();
+    for (const [i, inner] of nestedSuspects) {
+      if (!existing.has(inner)) continue;
+      const o = opened[i]!;
+      failures.push({ rowKey: o.row_key, value: null, problem: 'nested', dataKeyId: safeKeyId(o.ct)!, rootVersion: o.rootVersion });
+      o.plain.fill(0);
+      nested.add(i);
+    }
+    return opened.filter((_, i) => !nested.has(i));
   }
-  if (nestedSuspects.size === 0) return opened;
-  // Case C02 invariant: a plaintext that is itself an envelope naming an existing data key
-  // is ciphertext encrypted twice; it is reported, never sealed once more.
-  const existing = await selectKeyMeta(client, [...new Set(nestedSuspects.values())]);
-  const nested = new Set<number>();
-  for (const [i, inner] of nestedSuspects) {
-    if (!existing.has(inner)) continue;
-    const o = opened[i]!;
-    failures.push({ rowKey: o.row_key, value: null, problem: 'nested', dataKeyId: safeKeyId(o.ct)!, rootVersion: o.rootVersion });
-    o.plain.fill(0);
-    nested.add(i);
-  }
-  return opened.filter((_, i) => !nested.has(i));
 }

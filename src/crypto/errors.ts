@@ -79,12 +79,12 @@ export class UnsupportedParameterError extends KeyringError {
   }
 }
 
+const BIGINT_LIMITS = { 16: 1n << 16n, 32: 1n << 32n, 64: 1n << 64n } as const;
+
 /**
  * Checks that an id, version or size fits the unsigned big-endian field of
  * `bits` bits it is written to; Buffer's own RangeError would not say which.
  */
-const BIGINT_LIMITS = { 16: 1n << 16n, 32: 1n << 32n, 64: 1n << 64n } as const;
-
 export function requireUint(value: number | bigint, bits: 16 | 32 | 64, what: string): void {
   const fits =
     typeof value === 'bigint'
