@@ -78,7 +78,7 @@ export async function runNaiveLoop(app: pg.Client, admin: pg.ClientBase, o: Naiv
     let done = 0;
     for (;;) {
       await app.query('BEGIN');
-      const { rows } = await app.query<{ id: string; c: Buffer }>({ name: 'naive_select', text: select, values: [cursor] });
+      const { rows } = await app.query<{ id: string; c: Buffer }>({ name: `naive_select_${o.tableName}`, text: select, values: [cursor] });
       if (rows.length === 0) {
         await app.query('COMMIT');
         break;
@@ -101,7 +101,7 @@ export async function runNaiveLoop(app: pg.Client, admin: pg.ClientBase, o: Naiv
         cts[i] = sealValue(newKey, newKeyId, o.columnId, r.id, plain, freshIv);
         plain.fill(0);
       }
-      const u = await app.query({ name: 'naive_update', text: update, values: [ids, cts] });
+      const u = await app.query({ name: `naive_update_${o.tableName}`, text: update, values: [ids, cts] });
       await app.query('COMMIT');
       done += u.rowCount ?? 0;
       cursor = rows[rows.length - 1]!.id;

@@ -4,11 +4,15 @@
  *
  *   setup         <rows> rows written through rot_keyring's staging view and encrypted by
  *                 the sidecar processes under encrypt version 1 (real data keys and
- *                 envelopes); then rot_bare and rot_naive, byte-identical copies; every
- *                 table rewritten compactly (VACUUM FULL) so none starts with free space
+ *                 envelopes); then rot_bare, rot_naive and rot_naive_load, byte-identical
+ *                 copies; every table rewritten compactly (VACUUM FULL) so none starts
+ *                 with free space
  *   peers         bare UPDATE, naive client-side loop, pgcrypto (rotation-peers.ts)
  *   idle          single-row INSERTs through rot_app's staging view at --app-rate for
  *                 --app-seconds, round trips timed; the sidecars encrypt them meanwhile
+ *   naive load    the naive loop again, on rot_naive_load, with the INSERT load of
+ *                 `idle` running: what rewriting the table by hand costs the application
+ *                 (a reference for keyring's figure, not a target)
  *   keyring       encrypt version 2 activated, keyring.reencrypt(column) called with its
  *                 defaults, nothing else running (as the peers); from the call until the
  *                 job is done (the sidecar processes share the job)
@@ -72,6 +76,8 @@ export interface RotationResult {
   readonly loaded: KeyringRun;
   readonly idle: LoadResult;
   readonly during: LoadResult;
+  /** The naive loop on a copy with the INSERT load running, and that load's round trips. */
+  readonly naiveLoaded: { readonly run: PeerRun; readonly during: LoadResult };
   /** keyring.reencrypt with p_rows_per_second, the INSERT load running. */
   readonly throttled?: { readonly run: KeyringRun; readonly during: LoadResult; readonly limit: number };
   readonly rewrap: { readonly keys: number; readonly ms: number; readonly jobSeconds: number };
@@ -122,13 +128,13 @@ async function load(ctx: BenchContext, app: pg.Client, admin: pg.ClientBase, row
   }
   await waitEncrypted(admin, 'rot_keyring');
   const ms = performance.now() - t0;
-  for (const t of ['rot_bare', 'rot_naive']) {
+  for (const t of ['rot_bare', 'rot_naive', 'rot_naive_load']) {
     await admin.query(`CREATE TABLE ${t} (id bigint PRIMARY KEY, name text, national_id bytea)`);
     await admin.query(`INSERT INTO ${t} SELECT id, name, national_id FROM rot_keyring ORDER BY id`);
   }
   // The staging path wrote every row twice: compact it so that all three start alike.
   await admin.query('VACUUM FULL rot_keyring');
-  for (const t of ['rot_keyring', 'rot_bare', 'rot_naive']) await admin.query(`VACUUM ANALYZE ${t}`);
+  for (const t of ['rot_keyring', 'rot_bare', 'rot_naive', 'rot_naive_load']) await admin.query(`VACUUM ANALYZE ${t}`);
   return ms;
 }
 
@@ -234,6 +240,22 @@ export async function runRotation(ctx: BenchContext, o: RotationOptions): Promis
     const idle = await runInsertLoad(app, 'rot_app_staging', ctx.data, o.appRate, 1, o.appSeconds);
     await waitEncrypted(admin, 'rot_app');
 
+    await settle(admin);
+    ctx.progress(`rotation: naive client-side loop over a copy, INSERT load running ...`);
+    const naiveLoad = startInsertLoad(app, 'rot_app_staging', ctx.data, o.appRate, 5_000_001);
+    let naiveRun: PeerRun;
+    try {
+      await sleep(200); // the load is at its pace before the loop starts
+      naiveRun = await runNaiveLoop(peer, admin, {
+        tableName: 'rot_naive_load', columnId, rootHex: ctx.keys.encrypt, rootVersion: v1, rows: o.rows, batch: o.naiveBatch,
+      });
+    } catch (err) {
+      await naiveLoad.stop().catch(() => undefined);
+      throw err;
+    }
+    const naiveLoaded = { run: naiveRun, during: await naiveLoad.stop() };
+    await waitEncrypted(admin, 'rot_app');
+
     ctx.progress(`rotation: keyring.reencrypt of ${fmtInt(o.rows)} rows under version ${v2}, alone ...`);
     const keyring = await runReencrypt(admin, sidecars, o, v2);
 
@@ -273,7 +295,7 @@ export async function runRotation(ctx: BenchContext, o: RotationOptions): Promis
     const rw = await waitJob(admin, rot!.id);
     if (Number(rw.job.done) !== keys) throw new Error(`rewrap job: ${rw.job.done} keys rewrapped, expected ${keys}`);
     return {
-      o, loadSeconds: loadMs / 1000, bare, naive, pgp, idle, during, keyring, loaded, ...(throttled ? { throttled } : {}),
+      o, loadSeconds: loadMs / 1000, bare, naive, pgp, idle, during, naiveLoaded, keyring, loaded, ...(throttled ? { throttled } : {}),
       rewrap: { keys, ms: rw.at - r0, jobSeconds: rw.job.seconds ?? Number.NaN },
     };
   } finally {
@@ -339,6 +361,10 @@ export function formatRotation(r: RotationResult): string {
   lines.push(`  idle             ${l(r.idle)}`);
   lines.push(`  during rotation  ${l(r.during)}`);
   lines.push(`  p99 ratio ${fmtRatio(p99)} (target < ${TARGET_P99_RATIO.toFixed(2)}x: ${passMiss(p99 < TARGET_P99_RATIO)})`);
+  const nl = r.naiveLoaded;
+  lines.push(`  naive loop       ${l(nl.during)}`);
+  lines.push(`    the naive loop rewriting a copy meanwhile (${fmtInt(nl.run.rate)} rows/s): p99 ratio ` +
+    `${fmtRatio(nl.during.latency.p99 / r.idle.latency.p99)} (a reference, no target)`);
   if (r.throttled) {
     const t = r.throttled;
     const tp99 = t.during.latency.p99 / r.idle.latency.p99;
@@ -358,9 +384,10 @@ export function formatRotation(r: RotationResult): string {
     lines.push(`       "rate-limited": a third one (to the next version) with p_rows_per_second => ${fmtInt(r.throttled.limit)} and the same INSERTs`);
     lines.push(`       running (${(r.throttled.run.ms / 1000).toFixed(2)} s); its CPU below includes the sidecars' work on those INSERTs, over a longer time.`);
   }
+  lines.push(`       "naive loop": the naive loop again, on a copy of the table, while the same INSERTs run (${(nl.run.ms / 1000).toFixed(2)} s).`);
   lines.push(`       pgcrypto is measured on ${fmtInt(r.o.pgpRows)} rows only (it would take minutes on ${fmtInt(r.o.rows)}); its rate does not depend on the table size.`);
   lines.push(`       setup: ${fmtInt(r.o.rows)} rows through the staging view and encrypted by the sidecars in ${r.loadSeconds.toFixed(1)} s.`);
-  const cpu: [string, PeerRun][] = [['bare', r.bare], ['naive', r.naive], ['pgcrypto', r.pgp], ['keyring', r.keyring], ['+ load', r.loaded],
+  const cpu: [string, PeerRun][] = [['bare', r.bare], ['naive', r.naive], ['naive+ld', nl.run], ['pgcrypto', r.pgp], ['keyring', r.keyring], ['+ load', r.loaded],
     ...(r.throttled ? [['+ limit', r.throttled.run] as [string, PeerRun]] : [])];
   if (cpu.some(([, p]) => p.cpu)) {
     lines.push('', 'CPU per process group (from /proc; µs per row of the measurement):');
