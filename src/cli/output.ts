@@ -55,14 +55,17 @@ export class ProgressBar {
     const now = Date.now();
     if (!force && now - this.lastDraw < (this.stream.isTTY ? 200 : 2000)) return;
     this.lastDraw = now;
-    const frac = this.total > 0 ? Math.min(1, done / this.total) : 1;
+    // A job's total is counted when it starts; rows the application adds meanwhile can
+    // carry `done` past it: the bar then shows the grown total, never "101/100".
+    const total = Math.max(this.total, done);
+    const frac = total > 0 ? Math.min(1, done / total) : 1;
     const width = 30;
     const filled = Math.round(frac * width);
     const secs = (now - this.started) / 1000;
     const rate = known?.rate ?? (secs > 0 ? done / secs : 0);
-    const eta = known?.etaSeconds ?? (rate > 0 ? Math.max(0, (this.total - done) / rate) : 0);
+    const eta = known?.etaSeconds ?? (rate > 0 ? Math.max(0, (total - done) / rate) : 0);
     const text = `${this.label} [${'#'.repeat(filled)}${'.'.repeat(width - filled)}] ` +
-      `${done.toLocaleString('en-US')}/${this.total.toLocaleString('en-US')} ` +
+      `${done.toLocaleString('en-US')}/${total.toLocaleString('en-US')} ` +
       `${Math.round(rate).toLocaleString('en-US')} ${this.unit}/s ETA ${eta.toFixed(0)}s`;
     if (this.stream.isTTY) this.stream.write(`\r${text}`);
     else this.stream.write(`${text}\n`);

@@ -306,7 +306,7 @@ describe('rewrap of 100,000 data keys', () => {
     await dropRole(role);
   });
 
-  it('finishes (the time is printed, not asserted: timing claims belong in npm run bench, whose rotation section is not built yet)', async () => {
+  it('finishes (the time is printed, not asserted: timing claims belong in npm run bench, whose rotation section measures it)', async () => {
     const keys = newKeys();
     await activateKeys(db.pool, keys);
     const n = 100_000;
