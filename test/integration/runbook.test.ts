@@ -2,7 +2,7 @@
  * The README's rotation runbook, run as written: the numbered commands of "Annual
  * rotation", "Emergency revocation" and "Index root rotation" are extracted from
  * README.md and run in order
- * (`keyring …` in-process, `psql -c "…"` as SQL, `keyring sidecar` as a restart of the
+ * (`keyring …` in-process, `psql "$DATABASE_URL" -c "…"` as SQL, `keyring sidecar` as a restart of the
  * sidecars with the key file), against a 100,000-row table while an application keeps
  * inserting and updating through the staging view. At the end every value is under the
  * newest version, nothing depends on the old ones, they are destroyed, and every row's
@@ -144,7 +144,7 @@ describe('rotation runbook (README.md), under application writes', () => {
           const r = await runCli(argv, env);
           expect(r.code, `${step}\n${r.stdout}\n${r.stderr}`).toBe(0);
         } else {
-          const m = /^psql -c "(.*)"$/.exec(step);
+          const m = /^psql "\$DATABASE_URL" -c "(.*)"$/.exec(step);
           if (!m) throw new Error(`not a runnable step: ${step}`);
           await db.pool.query(m[1]!);
         }

@@ -8,7 +8,8 @@ export const statusCommand: Command = {
   help: `Usage: keyring status [--json]
 
 Prints keyring.status: per protected column, how many values each encrypt key version
-protects, the pending backlog and the age of its oldest entry, and quarantined values.`,
+protects, the pending backlog and the age of its oldest entry, quarantined values, and
+values still plaintext in a column being adopted (from the status counters).`,
   async run(args, env, out) {
     const { values } = parse(args, { json: { type: 'boolean' } });
     const client = new pg.Client({ connectionString: databaseUrl(env), application_name: 'keyring status' });
