@@ -134,7 +134,21 @@ describe('re-encryption', () => {
   });
 
   it('two sidecars share one job; no row is rewritten twice; the job ends once', async () => {
-    await start(both());
+    // Each range pauses 20 ms inside its transaction, so that one sidecar cannot finish the
+    // 40 ranges before the other's next poll (100 ms); on a fast machine one alone did.
+    await stopAll();
+    await start(both(), { KEYRING_TEST_BATCH_DELAY_MS: '20' });
+    await start(both(), { KEYRING_TEST_BATCH_DELAY_MS: '20' });
+    try {
+      await shareOneJob();
+    } finally {
+      await stopAll();
+      await start(both());
+      await start(both());
+    }
+  });
+
+  async function shareOneJob(): Promise<void> {
     await db.pool.query(`CREATE TABLE ledger (id bigint PRIMARY KEY, note text)`);
     await db.pool.query(`SELECT keyring.protect('ledger', 'note')`);
     await db.pool.query(`INSERT INTO ledger_staging SELECT g, 'note ' || g FROM generate_series(1, 4000) g`);
@@ -160,9 +174,10 @@ describe('re-encryption', () => {
     // Both sidecars took ranges (metrics: encryptions under v2 on each).
     const after = await Promise.all(running.map(v2Count));
     const per = after.map((a, i) => a - before[i]!);
+    expect(per).toHaveLength(2);
     expect(per.every((n) => n > 0), `per sidecar: ${per.join(', ')}`).toBe(true);
     expect(per.reduce((a, b) => a + b, 0)).toBe(4000);
-  });
+  }
 
   it('respects the rate limit roughly', async () => {
     const t0 = Date.now();
