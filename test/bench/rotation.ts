@@ -132,7 +132,7 @@ async function load(ctx: BenchContext, app: pg.Client, admin: pg.ClientBase, row
     await admin.query(`CREATE TABLE ${t} (id bigint PRIMARY KEY, name text, national_id bytea)`);
     await admin.query(`INSERT INTO ${t} SELECT id, name, national_id FROM rot_keyring ORDER BY id`);
   }
-  // The staging path wrote every row twice: compact it so that all three start alike.
+  // The staging path wrote every row twice: compact it so that every table starts alike.
   await admin.query('VACUUM FULL rot_keyring');
   for (const t of ['rot_keyring', 'rot_bare', 'rot_naive', 'rot_naive_load']) await admin.query(`VACUUM ANALYZE ${t}`);
   return ms;
