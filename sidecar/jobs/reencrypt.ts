@@ -248,11 +248,10 @@ async function runChunk(ctx: ReencryptContext, client: pg.ClientBase, job: JobRo
           }
           dkCount++;
           const ciphertext = sealValue(dk.key, dk.id, col.id, o.row_key, o.plain, ctx.ivPool);
-          o.plain.fill(0);
           return { rowKey: o.row_key, values: [{ ciphertext, term: null, expected: o.ct }] };
         });
       } finally {
-        for (const o of opened) o.plain.fill(0); // the rest of the part when a seal threw
+        for (const o of opened) o.plain.fill(0); // sealed or not (a seal that threw): no plaintext outlives the part
       }
       countDk();
       sealed += updates.length;
@@ -329,13 +328,6 @@ async function openPart(
   const opened: (Opened & { readonly rootVersion: number })[] = [];
   const nestedSuspects = new Map<number, bigint>();
   try {
-    return await openAll();
-  } catch (err) {
-    for (const o of opened) o.plain.fill(0); // nothing decrypted outlives a failed part
-    throw err;
-  }
-
-  async function openAll(): Promise<Opened[]> {
     let lastId: bigint | undefined;
     let kp: 'erased' | 'data_key_unwrap' | undefined;
     let dk: DataKey | undefined;
@@ -373,5 +365,8 @@ async function openPart(
       nested.add(i);
     }
     return opened.filter((_, i) => !nested.has(i));
+  } catch (err) {
+    for (const o of opened) o.plain.fill(0); // nothing decrypted outlives a failed part
+    throw err;
   }
 }

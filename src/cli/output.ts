@@ -58,7 +58,7 @@ export class ProgressBar {
     // A job's total is counted when it starts; rows the application adds meanwhile can
     // carry `done` past it: the bar then shows the grown total, never "101/100".
     const total = Math.max(this.total, done);
-    const frac = total > 0 ? Math.min(1, done / total) : 1;
+    const frac = total > 0 ? done / total : 1;
     const width = 30;
     const filled = Math.round(frac * width);
     const secs = (now - this.started) / 1000;

@@ -33,7 +33,7 @@ import { formatCpu, startCpu, type CpuReport } from './cpu.js';
 import { smallBatches } from './data.js';
 import { connect } from './env.js';
 import { createPgpTable, runBareUpdate, runNaiveLoop, runPgcrypto, type PeerRun } from './rotation-peers.js';
-import { runInsertLoad, startInsertLoad, type LoadResult } from './rotation-load.js';
+import { runInsertLoad, startInsertLoad, type InsertLoad, type LoadResult } from './rotation-load.js';
 import { newBenchKeys, startSidecarProcess, type SidecarProcess } from './sidecar-process.js';
 import { fmtInt, fmtMs, fmtRatio, passMiss, rate, table } from './stats.js';
 import { settle, waitEncrypted } from './write-path.js';
@@ -240,42 +240,42 @@ export async function runRotation(ctx: BenchContext, o: RotationOptions): Promis
     const idle = await runInsertLoad(app, 'rot_app_staging', ctx.data, o.appRate, 1, o.appSeconds);
     await waitEncrypted(admin, 'rot_app');
 
+    // The INSERT load of `idle` around `run`: `startLoad` starts it (then 200 ms for it to
+    // reach its pace), called by `run` where its timing begins; its round trips are returned.
+    const withLoad = async <T>(firstId: number, run: (startLoad: () => Promise<void>) => Promise<T>): Promise<[T, LoadResult]> => {
+      let load: InsertLoad | undefined;
+      const startLoad = async (): Promise<void> => {
+        load = startInsertLoad(app, 'rot_app_staging', ctx.data, o.appRate, firstId);
+        await sleep(200);
+      };
+      let out: T;
+      try {
+        out = await run(startLoad);
+      } catch (err) {
+        await load?.stop().catch(() => undefined);
+        throw err;
+      }
+      const during = await load!.stop();
+      await waitEncrypted(admin, 'rot_app');
+      return [out, during];
+    };
+
     await settle(admin);
     ctx.progress(`rotation: naive client-side loop over a copy, INSERT load running ...`);
-    const naiveLoad = startInsertLoad(app, 'rot_app_staging', ctx.data, o.appRate, 5_000_001);
-    let naiveRun: PeerRun;
-    try {
-      await sleep(200); // the load is at its pace before the loop starts
-      naiveRun = await runNaiveLoop(peer, admin, {
+    const [naiveRun, naiveDuring] = await withLoad(5_000_001, async (startLoad) => {
+      await startLoad();
+      return runNaiveLoop(peer, admin, {
         tableName: 'rot_naive_load', columnId, rootHex: ctx.keys.encrypt, rootVersion: v1, rows: o.rows, batch: o.naiveBatch,
       });
-    } catch (err) {
-      await naiveLoad.stop().catch(() => undefined);
-      throw err;
-    }
-    const naiveLoaded = { run: naiveRun, during: await naiveLoad.stop() };
-    await waitEncrypted(admin, 'rot_app');
+    });
+    const naiveLoaded = { run: naiveRun, during: naiveDuring };
 
     ctx.progress(`rotation: keyring.reencrypt of ${fmtInt(o.rows)} rows under version ${v2}, alone ...`);
     const keyring = await runReencrypt(admin, sidecars, o, v2);
 
     ctx.progress(`rotation: keyring.reencrypt of ${fmtInt(o.rows)} rows under version ${v3}, INSERT load running ...`);
-    const underLoad = async (version: number, firstId: number, limit?: number): Promise<[KeyringRun, LoadResult]> => {
-      let loadDuring: ReturnType<typeof startInsertLoad> | undefined;
-      let run: KeyringRun;
-      try {
-        run = await runReencrypt(admin, sidecars, o, version, async () => {
-          loadDuring = startInsertLoad(app, 'rot_app_staging', ctx.data, o.appRate, firstId);
-          await sleep(200); // the load is at its pace before the job starts
-        }, limit);
-      } catch (err) {
-        await loadDuring?.stop().catch(() => undefined);
-        throw err;
-      }
-      const during = await loadDuring!.stop();
-      await waitEncrypted(admin, 'rot_app');
-      return [run, during];
-    };
+    const underLoad = (version: number, firstId: number, limit?: number): Promise<[KeyringRun, LoadResult]> =>
+      withLoad(firstId, (startLoad) => runReencrypt(admin, sidecars, o, version, startLoad, limit));
     const [loaded, during] = await underLoad(v3, 10_000_001);
     let throttled: RotationResult['throttled'];
     let last = v3;
