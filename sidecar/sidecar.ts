@@ -53,6 +53,8 @@ export class Sidecar {
   /** The configured root keys minus destroyed versions (zeroed and dropped when the registry says so). */
   #material: RootKeyMaterial;
   #keysProblem: string | undefined;
+  /** The last registry reload queued (#reloadKeys runs them one after another). */
+  #reloads: Promise<void> = Promise.resolve();
   #maxEncryptions: bigint;
   readonly #dataKeys: DataKeyCache;
   readonly #indexKeys: IndexKeyCache;
@@ -329,8 +331,18 @@ export class Sidecar {
    * Re-reads the key registry (on a `keys` hint and on every heartbeat, since a hint can
    * be missed): a newly activated version is used without a restart; a version whose
    * material this sidecar lacks pauses the claim loop and fails /healthz.
+   *
+   * One reload at a time, in call order: two overlapping reloads (a retire's hint and the
+   * destroy's right after it) could finish out of order, and the older read would put a
+   * destroyed version back until the next heartbeat.
    */
-  async #reloadKeys(): Promise<void> {
+  #reloadKeys(): Promise<void> {
+    const run = this.#reloads.then(() => this.#reloadKeysNow());
+    this.#reloads = run.catch(() => undefined);
+    return run;
+  }
+
+  async #reloadKeysNow(): Promise<void> {
     try {
       const { keys, max } = await this.#db.with(async (c) => ({
         keys: await resolveRootKeys(c, this.#material, { register: false }),
